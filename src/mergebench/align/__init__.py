@@ -1,0 +1,6 @@
+"""Aligners: each carries model B into model A's basis; importing this package registers them all."""
+
+from mergebench.align import identity
+from mergebench.align.registry import ALIGNERS, Alignment
+
+__all__ = ["ALIGNERS", "Alignment", "identity"]

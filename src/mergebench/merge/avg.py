@@ -1,0 +1,45 @@
+"""Scalar interpolation: W = α·W_A + (1-α)·W_B' for two models, the plain mean for K models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from mergebench.context import MergeContext
+from mergebench.errors import ConfigError
+from mergebench.merge.registry import AGGREGATORS, Merged
+
+
+@dataclasses.dataclass
+class AvgParams:
+    alpha: float = 0.5
+
+    def check(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"alpha={self.alpha} must be in [0, 1]")
+
+
+def weighted_state(models: list[nn.Module], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_k w_k · state_k for every float tensor (buffers too); integer buffers are taken from model 0."""
+    states = [m.state_dict() for m in models]
+    out = {}
+    for key, ref in states[0].items():
+        if ref.is_floating_point():
+            out[key] = sum(w * s[key] for w, s in zip(weights, states))
+        else:
+            out[key] = ref.clone()
+    return out
+
+
+def interpolation_weights(num_models: int, alpha: float) -> list[float]:
+    return [alpha, 1.0 - alpha] if num_models == 2 else [1.0 / num_models] * num_models
+
+
+@AGGREGATORS.register("avg", AvgParams)
+def aggregate_avg(params: AvgParams, models: list[nn.Module], ctx: MergeContext) -> Merged:
+    weights = interpolation_weights(len(models), params.alpha)
+    merged = ctx.build_model()
+    merged.load_state_dict(weighted_state(models, weights))
+    return Merged(merged, weights, {"alpha": weights[0]})

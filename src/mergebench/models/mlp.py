@@ -1,0 +1,60 @@
+"""The MNIST MLP of Git Re-Basin and Yamada et al.: input -> 512 -> 512 -> 512 -> classes, ReLU."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+from torch import Tensor, nn
+
+from mergebench.align.spec import PermutationSpec
+from mergebench.errors import ConfigError
+from mergebench.models.layers import SpecBuilder, check_width_norm, make_norm
+from mergebench.models.registry import MODELS, ModelInput
+
+
+@dataclasses.dataclass
+class MLPParams:
+    width: float = 1.0
+    norm: str = "none"
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [512, 512, 512])
+
+    def check(self) -> None:
+        check_width_norm(self.width, self.norm)
+        if not self.hidden or min(self.hidden) <= 0:
+            raise ConfigError(f"hidden={self.hidden} must be a non-empty list of positive widths")
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, hidden: list[int], norm: str) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        widths = [in_features, *hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+        self.norms = nn.ModuleList(make_norm(norm, b, spatial=False) for b in hidden)
+        self.acts = nn.ModuleList(nn.ReLU() for _ in hidden)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.flatten(x)
+        for layer, norm, act in zip(self.layers, self.norms, self.acts):
+            x = act(norm(layer(x)))
+        return self.head(x)
+
+    def permutation_spec(self) -> PermutationSpec:
+        b = SpecBuilder()
+        previous = None
+        for i, (layer, norm) in enumerate(zip(self.layers, self.norms)):
+            group = f"h{i}"
+            b.layer(f"layers.{i}", layer, group, previous)
+            b.norm(f"norms.{i}", norm, group)
+            b.probe(group, f"acts.{i}")
+            previous = group
+        b.layer("head", self.head, None, previous)
+        return b.build()
+
+
+@MODELS.register("mlp", MLPParams)
+def build_mlp(params: MLPParams, data: ModelInput) -> MLP:
+    hidden = [max(1, round(h * params.width)) for h in params.hidden]
+    return MLP(data.channels * data.size * data.size, data.num_classes, hidden, params.norm)

@@ -1,0 +1,140 @@
+"""Results rows in one tidy schema, the papers' method names, CSV/JSON writing and the terminal table."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.table import Table
+
+from mergebench.cache import atomic_write_text
+
+COLUMNS = [
+    "run_id", "experiment", "dataset", "split", "arch", "width", "norm", "num_models", "seed",
+    "align", "agg", "repair", "strategy", "merge_data", "select_on", "method_label", "model_role",
+    "metric", "subset", "value", "alpha", "wall_s", "diagnostics",
+]  # fmt: skip
+
+ALIGN_LABELS = {
+    "identity": "Direct averaging",
+    "permute": "Permute",
+    "weight_matching": "Weight Matching",
+    "cca": "CCA Merge",
+    "ste": "STE",
+}
+ALIGN_SUFFIX = {"identity": "Direct", "permute": "P", "weight_matching": "WM", "cca": "CCA", "ste": "STE"}
+AGG_LABELS = {"np": "NP", "finetune": "Finetune"}
+
+# rows of the papers' tables, in their order; labels not listed sort after these, alphabetically
+METHOD_ORDER = [
+    "Model A", "Model B", "Base models avg.", "Ensemble", "Joint", "Direct averaging", "Permute",
+    "Weight Matching", "CCA Merge", "STE", "Finetune-P", "Finetune-WM", "NP-P", "NP-WM",
+]  # fmt: skip
+
+
+def method_label(align: str, agg: str, repair: str) -> str:
+    """The papers' name for a merge: 'Permute', 'NP-P', 'Finetune-WM', with ' + REPAIR' when REPAIR ran."""
+    if agg == "avg":
+        label = ALIGN_LABELS.get(align, align)
+    else:
+        label = f"{AGG_LABELS.get(agg, agg)}-{ALIGN_SUFFIX.get(align, align)}"
+    return f"{label} + REPAIR" if repair == "repair" else label
+
+
+def base_label(i: int, num_models: int) -> str:
+    return f"Model {chr(ord('A') + i)}" if num_models <= 26 else f"Model {i}"
+
+
+@dataclasses.dataclass
+class RowWriter:
+    """Collects rows that share the run's identifying columns."""
+
+    common: dict[str, Any]
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def add(
+        self,
+        label: str,
+        role: str,
+        results: dict[str, dict[str, float]],
+        *,
+        wall_s: float | None = None,
+        alpha: float | None = None,
+        diagnostics: dict[str, Any] | None = None,
+    ) -> None:
+        """One row per (subset, metric) of `results` = {subset: {metric: value}}."""
+        diag = json.dumps(diagnostics, default=_jsonable) if diagnostics else ""
+        for subset, values in results.items():
+            for metric, value in values.items():
+                self.rows.append(
+                    {
+                        **self.common,
+                        "method_label": label,
+                        "model_role": role,
+                        "metric": metric,
+                        "subset": subset,
+                        "value": value,
+                        "alpha": alpha,
+                        "wall_s": wall_s,
+                        "diagnostics": diag,
+                    }
+                )
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=COLUMNS)
+
+    def write(self, folder: Path) -> pd.DataFrame:
+        """Atomically write results.csv and results.json into `folder`."""
+        df = self.frame()
+        atomic_write_text(folder / "results.csv", df.to_csv(index=False))
+        atomic_write_text(folder / "results.json", json.dumps(self.rows, indent=1, default=_jsonable))
+        return df
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def method_sort_key(label: str) -> tuple[int, str]:
+    base = label.removesuffix(" + REPAIR")
+    rank = METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER)
+    if base.startswith("Model ") and base not in METHOD_ORDER:
+        rank = 0
+    return rank, label
+
+
+def run_table(df: pd.DataFrame, title: str) -> Table:
+    """One run's results: a row per evaluated model, columns = top-1/loss on the test set and top-1 per subset."""
+    subsets = [s for s in df["subset"].unique() if s != "test"]
+    has_alpha = df["alpha"].notna().any()
+    table = Table(title=title)
+    table.add_column("method")
+    if has_alpha:
+        table.add_column("α", justify="right")
+    for col in ["top-1 test", "top-5 test", "loss test", *[f"top-1 {s}" for s in subsets]]:
+        table.add_column(col, justify="right")
+    keys = ["method_label", "alpha"] if has_alpha else ["method_label"]
+    groups = df.groupby(keys, dropna=False, sort=False)
+    for key in sorted(groups.groups, key=lambda k: method_sort_key(k[0] if isinstance(k, tuple) else k)):
+        g = groups.get_group(key)
+        label = key[0] if isinstance(key, tuple) else key
+
+        def cell(metric: str, subset: str, fmt: str, g: pd.DataFrame = g) -> str:
+            v = g[(g.metric == metric) & (g.subset == subset)]["value"]
+            return format(v.iloc[0], fmt) if len(v) else "—"
+
+        alpha_cell = [f"{key[1]:.2f}" if has_alpha and pd.notna(key[1]) else ""] if has_alpha else []
+        table.add_row(
+            label,
+            *alpha_cell,
+            cell("top1", "test", ".2f"),
+            cell("top5", "test", ".2f"),
+            cell("loss", "test", ".3f"),
+            *[cell("top1", s, ".2f") for s in subsets],
+        )
+    return table

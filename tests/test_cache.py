@@ -1,0 +1,68 @@
+"""The base-model cache: hit after miss, corruption detected and retrained, concurrent callers train once."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import torch
+
+from mergebench.cache import ModelCache
+
+
+def _state(value: float) -> dict[str, torch.Tensor]:
+    return {"w": torch.full((4, 4), value)}
+
+
+def test_hit_after_miss(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path)
+    calls = []
+
+    def create():
+        calls.append(1)
+        return _state(1.0), {"wall_s": 0.1}
+
+    state, meta, hit = cache.get_or_create("k1", create)
+    assert not hit and calls == [1]
+    state2, meta2, hit2 = cache.get_or_create("k1", create)
+    assert hit2 and calls == [1]
+    assert torch.equal(state2["w"], state["w"]) and meta2["sha256"] == meta["sha256"]
+
+
+def test_corrupted_or_partial_file_is_retrained(tmp_path: Path) -> None:
+    cache = ModelCache(tmp_path)
+    cache.get_or_create("k", lambda: (_state(1.0), {}))
+    weights, meta, _ = cache.paths("k")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert cache.load("k") is None
+    state, _, hit = cache.get_or_create("k", lambda: (_state(2.0), {}))
+    assert not hit and state["w"][0, 0] == 2.0
+    meta.unlink()  # a run killed between the weights and the sidecar
+    assert cache.load("k") is None
+    weights.write_bytes(b"")
+    assert cache.get_or_create("k", lambda: (_state(3.0), {}))[2] is False
+
+
+def _worker(root: str, out: str) -> None:
+    import time
+
+    def create():
+        Path(out).with_suffix(f".{mp.current_process().pid}").write_text("trained")
+        time.sleep(0.5)
+        return _state(5.0), {}
+
+    ModelCache(Path(root)).get_or_create("shared", create)
+
+
+def test_concurrent_processes_train_once(tmp_path: Path) -> None:
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path / "cache"), str(tmp_path / "mark"))) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(list(tmp_path.glob("mark.*"))) == 1
+    assert not list((tmp_path / "cache" / "models").glob("*.tmp"))
