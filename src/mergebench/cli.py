@@ -78,12 +78,11 @@ def check_overrides(args: list[str]) -> None:
 
 
 def _compose_message(err: Exception) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    missing = next((ln for ln in lines if "is not in struct" in ln or "not found" in ln.lower()), None)
-    head = lines[0] if lines else type(err).__name__
-    if missing and "Could not override" in head:
+    text = f"{err}\n{err.__cause__ or ''}"
+    head = text.strip().splitlines()[0]
+    if "Could not override" in head and "not in struct" in text:
         key = head.split("'")[1]
-        return f"{key} is not a known key (to add a new key use +{key}=...; check the spelling against conf/)"
+        return f"{key} is not a known key (a typo? new keys need +{key}=...; see conf/ for the known ones)"
     return head
 
 

@@ -14,7 +14,7 @@ from mergebench.cache import atomic_write_text
 
 COLUMNS = [
     "run_id", "experiment", "dataset", "split", "arch", "width", "norm", "num_models", "seed",
-    "align", "agg", "repair", "strategy", "merge_data", "select_on", "method_label", "model_role",
+    "scenario", "align", "agg", "repair", "strategy", "merge_data", "select_on", "method_label", "model_role",
     "metric", "subset", "value", "alpha", "wall_s", "diagnostics",
 ]  # fmt: skip
 
@@ -119,18 +119,16 @@ def run_table(df: pd.DataFrame, title: str) -> Table:
     for col in ["top-1 test", "top-5 test", "loss test", *[f"top-1 {s}" for s in subsets]]:
         table.add_column(col, justify="right")
     keys = ["method_label", "alpha"] if has_alpha else ["method_label"]
-    groups = df.groupby(keys, dropna=False, sort=False)
-    for key in sorted(groups.groups, key=lambda k: method_sort_key(k[0] if isinstance(k, tuple) else k)):
-        g = groups.get_group(key)
-        label = key[0] if isinstance(key, tuple) else key
+    groups = [((k,) if not isinstance(k, tuple) else k, g) for k, g in df.groupby(keys, dropna=False, sort=False)]
+    for key, g in sorted(groups, key=lambda item: method_sort_key(item[0][0])):
 
         def cell(metric: str, subset: str, fmt: str, g: pd.DataFrame = g) -> str:
             v = g[(g.metric == metric) & (g.subset == subset)]["value"]
             return format(v.iloc[0], fmt) if len(v) else "—"
 
-        alpha_cell = [f"{key[1]:.2f}" if has_alpha and pd.notna(key[1]) else ""] if has_alpha else []
+        alpha_cell = [f"{key[1]:.2f}" if pd.notna(key[1]) else ""] if has_alpha else []
         table.add_row(
-            label,
+            key[0],
             *alpha_cell,
             cell("top1", "test", ".2f"),
             cell("top5", "test", ".2f"),

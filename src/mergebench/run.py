@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import time
@@ -55,6 +56,13 @@ def save_split(scenario: Scenario, out_dir: Path) -> None:
     atomic_write_bytes(out_dir / "split_indices.npz", lambda f: np.savez_compressed(f, **arrays))
 
 
+def scenario_label(cfg: RunConfig) -> str:
+    """The split with its parameters, e.g. `rotated(angle=90.0)`: the report's columns are built from it."""
+    params = dataclasses.asdict(cfg.split.params) if cfg.split.params is not None else {}
+    inner = ",".join(f"{k}={v}" for k, v in params.items())
+    return f"{cfg.data.split}({inner})"
+
+
 def common_columns(cfg: RunConfig, scenario: Scenario) -> dict:
     per_class = cfg.merge_data.per_class
     return {
@@ -62,6 +70,7 @@ def common_columns(cfg: RunConfig, scenario: Scenario) -> dict:
         "experiment": cfg.name,
         "dataset": scenario.info.name,
         "split": cfg.data.split,
+        "scenario": scenario_label(cfg),
         "arch": cfg.model.name,
         "width": getattr(cfg.model.params, "width", None),
         "norm": getattr(cfg.model.params, "norm", None),

@@ -28,7 +28,7 @@ class ChannelLayerNorm(nn.Module):
 
 def check_width_norm(width: float, norm: str) -> None:
     if width <= 0:
-        raise ConfigError(f"width={width} must be > 0")
+        raise ConfigError(f"width={width:g} must be > 0")
     if norm not in NORMS:
         raise ConfigError(f"norm={norm!r} is not known; allowed: {', '.join(NORMS)}")
 

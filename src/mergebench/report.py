@@ -1,0 +1,230 @@
+"""`mergebench-report DIR [--paper NAME]`: every run's rows under DIR -> the paper's table (mean ± std over seeds).
+
+Rows are methods in the paper's order and names, columns are the paper's settings. Failed or unfinished runs
+(a job folder with a Hydra config but no results.csv) are listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+from rich.table import Table
+
+from mergebench.cache import atomic_write_text
+from mergebench.progress import console
+from mergebench.results import method_sort_key
+
+DATASET_NAMES = {
+    "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST", "fashion_mnist": "FMNIST",
+    "digits": "digits", "imagenet200": "ImageNet-200", "usps": "USPS",
+}  # fmt: skip
+ARCH_NAMES = {"vgg11": "VGG11", "resnet20": "ResNet20", "resnet18": "ResNet18", "mlp": "MLP"}
+SPLIT_NAMES = {"split_80_20": "80%-20%", "dirichlet": "Dirichlet", "same": "same", "split_classes": "SPLIT"}
+AGG_KIND = {"avg": "merging only", "np": "NP", "finetune": "Finetune"}
+Cell = Callable[[pd.Series], str | None]
+
+
+def _param(row: pd.Series, key: str) -> str | None:
+    match = re.search(rf"{key}=([^,)]+)", str(row.get("scenario", "")))
+    return match.group(1) if match else None
+
+
+def _size(row: pd.Series) -> str:
+    data = str(row.merge_data)
+    return data.split("/")[1].removesuffix("pc") if "/" in data else "train"
+
+
+def _ym2_column(row: pd.Series) -> str | None:
+    if row.split == "rotated":
+        return f"MNIST-RMNIST({float(_param(row, 'angle') or 0):g}°)"
+    if row.split == "split_classes":
+        return f"SPLIT-{DATASET_NAMES.get(row.dataset, row.dataset).replace('-', '')}"
+    if row.split == "cross_dataset":
+        return "-".join(DATASET_NAMES.get(d, d).upper() for d in str(row.dataset).split("+"))
+    return None
+
+
+def _ym2_row(row: pd.Series) -> str | None:
+    names = {"Joint": "Model AB (joint)", "Direct averaging": "Naïve", "Weight Matching": "WM"}
+    if row.method_label == "STE":
+        return "STE (Full)" if _size(row) == "train" else "STE (Coreset)"
+    return names.get(row.method_label, row.method_label)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a paper lays out its table: which row and column a result goes to, and which metrics count."""
+
+    title: str
+    column: Cell
+    row: Cell = lambda r: r.method_label
+    metrics: tuple[str, ...] = ("top1",)
+
+
+LAYOUTS: dict[str, Layout] = {
+    "np_table1": Layout(
+        "NP Table I (same data, accuracy %)",
+        lambda r: f"{DATASET_NAMES.get(r.dataset, r.dataset)} {ARCH_NAMES.get(r.arch, r.arch)}×{r.width:g}",
+    ),
+    "np_table2": Layout("NP Table II (ResNet20×8, CIFAR-100)", lambda r: SPLIT_NAMES.get(r.split, r.split)),
+    "np_table3": Layout(
+        "NP Table III (ResNet18×4, ImageNet-200, Dirichlet)",
+        lambda r: {"top1": "top-1", "top5": "top-5"}[r.metric],
+        metrics=("top1", "top5"),
+    ),
+    "np_table4": Layout(
+        "NP Table IV (ResNet20×8, CIFAR-100 Dirichlet; merge data per class)",
+        lambda r: f"{_size(r)}: {AGG_KIND.get(r.agg, r.agg)}",
+        row=lambda r: {"weight_matching": "Weight Matching", "permute": "Permute"}.get(r.align),
+    ),
+    "np_fig1": Layout(
+        "NP Fig. 1 (accuracy vs number of merged models)",
+        lambda r: f"{'balanced' if r.split == 'same' else 'unbalanced'} K={r.num_models}",
+        row=lambda r: f"{r.method_label} ({r.strategy})" if r.model_role == "merged" else r.method_label,
+    ),
+    "ym_table1": Layout(
+        "YM Table 1 (MLP, MNIST vs rotated MNIST, accuracy % on the mixed test set)",
+        lambda r: f"{float(_param(r, 'angle') or 0):g}°",
+    ),
+    "ym_table2": Layout("YM Table 2 (accuracy % on D_AB)", _ym2_column, row=_ym2_row),
+    "ym_table3": Layout("YM Table 3 (SPLIT-CIFAR10, STE with k examples per class)", lambda r: f"{_size(r)}/class"),
+}
+
+GENERIC_KEYS = ["dataset", "scenario", "arch", "width", "norm", "num_models", "strategy", "merge_data", "repair"]
+
+
+def generic_layout(df: pd.DataFrame) -> Layout:
+    """Columns from whichever setting keys vary across the runs (alignment/aggregation are rows)."""
+    varying = [k for k in GENERIC_KEYS if k in df and df[k].astype(str).nunique() > 1] or ["dataset"]
+    return Layout("results (top-1 %, test set)", lambda r: " ".join(f"{k}={r[k]}" for k in varying))
+
+
+def load_rows(folder: Path) -> tuple[pd.DataFrame, list[Path]]:
+    """All results.csv rows under `folder`, and the job folders that have a Hydra config but no results."""
+    frames, missing = [], []
+    for hydra_dir in sorted(folder.rglob(".hydra")):
+        if not (hydra_dir.parent / "results.csv").exists():
+            missing.append(hydra_dir.parent)
+    for csv in sorted(folder.rglob("results.csv")):
+        try:
+            frames.append(pd.read_csv(csv))
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
+            missing.append(csv.parent)
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    return df, missing
+
+
+def paper_values(name: str) -> pd.DataFrame | None:
+    path = resources.files("mergebench") / "paper_tables" / f"{name}.csv"
+    return pd.read_csv(str(path)) if path.is_file() else None
+
+
+def build_table(df: pd.DataFrame, layout: Layout, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per method, per column `mean`, `std`, `n` (and `paper`, `delta` when given) — tidy, then pivoted."""
+    rows = df[df.metric.isin(layout.metrics) & (df.subset == "test")].copy()
+    rows["row"] = rows.apply(layout.row, axis=1)
+    rows["column"] = rows.apply(layout.column, axis=1)
+    rows = rows.dropna(subset=["row", "column"])
+    # one value per (method, column, seed): a base model's rows repeat in every job of a sweep
+    per_seed = rows.groupby(["row", "column", "seed"], sort=False)["value"].mean().reset_index()
+    stats = per_seed.groupby(["row", "column"], sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
+    stats["std"] = stats["std"].fillna(0.0)
+    if paper is not None:
+        ref = paper.rename(columns={"method": "row", "setting": "column", "mean": "paper"})[["row", "column", "paper"]]
+        stats = stats.merge(ref, on=["row", "column"], how="outer")
+        stats["delta"] = stats["mean"] - stats["paper"]
+    order = _row_order(stats["row"].unique(), paper)
+    stats["row"] = pd.Categorical(stats["row"], categories=order, ordered=True)
+    return stats.sort_values(["row", "column"]).reset_index(drop=True)
+
+
+def _row_order(labels: list[str], paper: pd.DataFrame | None) -> list[str]:
+    paper_rows = list(dict.fromkeys(paper["method"])) if paper is not None else []
+    rest = sorted((lab for lab in labels if lab not in paper_rows), key=method_sort_key)
+    return paper_rows + rest
+
+
+def wide(stats: pd.DataFrame, planned: int) -> pd.DataFrame:
+    """The paper's layout: cells `mean ± std` (with `(n=k)` where fewer seeds than planned finished)."""
+    columns = list(dict.fromkeys(stats["column"]))
+    out = pd.DataFrame(index=stats["row"].cat.categories)
+    has_paper = "paper" in stats
+    for col in columns:
+        part = stats[stats["column"] == col].set_index("row")
+        out[col] = [_cell(part, r, planned) for r in out.index]
+        if has_paper:
+            out[f"{col} paper"] = [_fmt(part["paper"].get(r)) for r in out.index]
+            out[f"{col} Δ"] = [_fmt(part["delta"].get(r), signed=True) for r in out.index]
+    out.index.name = "method"
+    return out
+
+
+def _fmt(value: float | None, signed: bool = False) -> str:
+    if value is None or pd.isna(value):
+        return "—"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _cell(part: pd.DataFrame, row: str, planned: int) -> str:
+    if row not in part.index or pd.isna(part.loc[row, "mean"]):
+        return "—"
+    n = int(part.loc[row, "count"])
+    text = f"{part.loc[row, 'mean']:.2f} ± {part.loc[row, 'std']:.2f}"
+    return f"{text} (n={n})" if n < planned else text
+
+
+def rich_table(table: pd.DataFrame, title: str) -> Table:
+    out = Table(title=title)
+    out.add_column("method")
+    for col in table.columns:
+        out.add_column(col, justify="right")
+    for label, values in table.iterrows():
+        out.add_row(str(label), *map(str, values))
+    return out
+
+
+def markdown(table: pd.DataFrame, title: str) -> str:
+    header = ["method", *map(str, table.columns)]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([str(label), *map(str, values)]) + " |" for label, values in table.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mergebench-report", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a multirun (or run) folder")
+    parser.add_argument("--paper", choices=sorted(LAYOUTS), help="lay out as this paper table, with its numbers")
+    parser.add_argument("--out", type=Path, help="where to write tables/ (default: FOLDER/tables)")
+    parser.add_argument("--seeds", type=int, help="seeds planned per cell (default: the most any cell has)")
+    args = parser.parse_args(argv)
+    if not args.folder.is_dir():
+        parser.error(f"folder {args.folder} does not exist")
+    df, missing = load_rows(args.folder)
+    for folder in missing:
+        console.print(f"[yellow]missing results:[/] {folder} (failed or unfinished run)", highlight=False)
+    if df.empty:
+        console.print(f"[red]error:[/] no results.csv under {args.folder}", highlight=False)
+        return 1
+    layout = LAYOUTS[args.paper] if args.paper else generic_layout(df)
+    stats = build_table(df, layout, paper_values(args.paper) if args.paper else None)
+    planned = args.seeds or int(stats["count"].max())
+    table = wide(stats, planned)
+    out_dir = args.out or args.folder / "tables"
+    name = args.paper or "results"
+    atomic_write_text(out_dir / f"{name}.csv", table.to_csv())
+    atomic_write_text(out_dir / f"{name}_long.csv", stats.to_csv(index=False))
+    atomic_write_text(out_dir / f"{name}.md", markdown(table, layout.title))
+    console.print(rich_table(table, layout.title))
+    console.print(f"tables: {out_dir}/{name}.csv", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
