@@ -74,7 +74,10 @@ def test_digits_run_writes_rows_and_second_run_hits_cache(tmp_path: Path) -> Non
 
 def test_real_mnist_dirichlet_run(tmp_path: Path, shared_data: Path) -> None:
     args = ["data=dirichlet", "dataset=mnist", f"data.root={shared_data}", "model=mlp", "train.epochs=1"]
-    proc = cli([*args, "data.train_limit=6000", "data.test_limit=2000", "model.hidden=[128,128]", "train.batch_size=100"], tmp_path)
+    proc = cli(
+        [*args, "data.train_limit=6000", "data.test_limit=2000", "model.hidden=[128,128]", "train.batch_size=100"],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     df = results_of(tmp_path)
     top1 = df[(df.metric == "top1") & (df.subset == "test")].set_index("model_role")["value"]

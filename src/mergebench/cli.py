@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import hydra
+import pandas as pd
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -15,7 +16,8 @@ from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 
-from mergebench.config import validate
+from mergebench.cache import atomic_write_text, content_key
+from mergebench.config import RunConfig, validate
 from mergebench.errors import ConfigError
 from mergebench.progress import console
 from mergebench.results import run_table
@@ -86,11 +88,24 @@ def _compose_message(err: Exception) -> str:
     return head
 
 
+def run_or_resume(run_cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
+    """Run, unless a run with the same resolved config finished before: then reuse its rows (resumed sweeps)."""
+    finished = run_cfg.cache_dir / "results" / f"{content_key(run_cfg.raw)}.csv"
+    if finished.exists():
+        console.log(f"finished before: reusing {finished}", highlight=False)
+        text = finished.read_text()
+        atomic_write_text(out_dir / "results.csv", text)
+        return pd.read_csv(out_dir / "results.csv")
+    df = run(run_cfg, out_dir)
+    atomic_write_text(finished, (out_dir / "results.csv").read_text())
+    return df
+
+
 def _task(cfg: DictConfig) -> None:
     try:
         run_cfg = validate(cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        df = run(run_cfg, out_dir)
+        df = run_or_resume(run_cfg, out_dir)
     except ConfigError as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False)
         sys.exit(2)

@@ -6,6 +6,7 @@ dataclass, so a new component brings its own schema. Errors are one-line ConfigE
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -159,9 +160,38 @@ def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
+SMOKE_LIMITS = {"train_limit": 1000, "test_limit": 500, "epochs": 1, "width": 1.0, "hidden": 64, "curve": 3}
+
+
+def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
+    """`smoke=true` shrinks any preset (data, epochs, widths) so it runs on a CPU in seconds; same code paths."""
+    raw = copy.deepcopy(raw)
+    data = raw.setdefault("data", {})
+    for key in ("train_limit", "test_limit"):
+        data[key] = min(data.get(key) or SMOKE_LIMITS[key], SMOKE_LIMITS[key])
+    raw.setdefault("train", {})["epochs"] = min(raw["train"].get("epochs", 1), SMOKE_LIMITS["epochs"])
+    for section in ("align", "agg"):
+        if "epochs" in raw.get(section, {}):
+            raw[section]["epochs"] = min(raw[section]["epochs"], SMOKE_LIMITS["epochs"])
+    model = raw.setdefault("model", {})
+    if "width" in model:
+        model["width"] = min(float(model["width"]), SMOKE_LIMITS["width"])
+    if "hidden" in model:
+        model["hidden"] = [min(h, SMOKE_LIMITS["hidden"]) for h in model["hidden"]]
+    curve = raw.setdefault("curve", {})
+    if curve.get("points", 0) > SMOKE_LIMITS["curve"]:
+        curve["points"] = SMOKE_LIMITS["curve"]
+    return raw
+
+
 def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     """Check a composed config and return it typed; raises a one-line ConfigError on the first bad key."""
     raw: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    smoke = raw.pop("smoke", False)
+    if not isinstance(smoke, bool):
+        raise ConfigError(f"smoke={smoke!r} must be true or false")
+    if smoke:
+        raw = apply_smoke(raw)
     for key in raw:
         if key not in TOP_LEVEL:
             raise ConfigError(f"{key} is not a known key; allowed: {', '.join(sorted(TOP_LEVEL))}")

@@ -223,6 +223,7 @@ def split_rotated(params: RotatedParams, req: SplitRequest) -> Scenario:
 @dataclasses.dataclass
 class CrossDatasetParams:
     others: list[str] = dataclasses.field(default_factory=lambda: ["fashion_mnist"])
+    size: int | None = None
 
 
 def _resize(x: Tensor, size: int) -> Tensor:
@@ -234,14 +235,16 @@ def _resize(x: Tensor, size: int) -> Tensor:
 
 @SPLITS.register("cross_dataset", CrossDatasetParams)
 def split_cross_dataset(params: CrossDatasetParams, req: SplitRequest) -> Scenario:
-    """Client 0 = data.dataset, client k = others[k-1], resized to client 0's shape; label i means i in all."""
+    """Client 0 = data.dataset, client k = others[k-1], all resized to `size` (default: client 0's); label i
+    means i in every dataset."""
     if req.num_models != 1 + len(params.others):
         raise ConfigError(
             f"data.num_models={req.num_models}: data.split=cross_dataset needs 1 + len(data.others)"
             f" = {1 + len(params.others)} models"
         )
     info, train, test = req.load(req.dataset)
-    trains, tests = [train], [test]
+    size = params.size or info.size
+    trains, tests = [ImageData(_resize(train.x, size), train.y)], [ImageData(_resize(test.x, size), test.y)]
     for name in params.others:
         other, tr, te = req.load(name)
         if other.num_classes != info.num_classes or other.channels != info.channels:
@@ -249,10 +252,10 @@ def split_cross_dataset(params: CrossDatasetParams, req: SplitRequest) -> Scenar
                 f"data.others={name!r} has {other.num_classes} classes × {other.channels} channels;"
                 f" {info.name} has {info.num_classes} × {info.channels}"
             )
-        trains.append(ImageData(_resize(tr.x, info.size), tr.y))
-        tests.append(ImageData(_resize(te.x, info.size), te.y))
+        trains.append(ImageData(_resize(tr.x, size), tr.y))
+        tests.append(ImageData(_resize(te.x, size), te.y))
     pool = torch.cat([t.x for t in trains]).float() / 255
     mean = tuple(pool.mean(dim=(0, 2, 3)).tolist())
     std = tuple(pool.std(dim=(0, 2, 3)).tolist())
     name = "+".join([info.name, *params.others])
-    return _pooled(trains, tests, dataclasses.replace(info, name=name, mean=mean, std=std))
+    return _pooled(trains, tests, dataclasses.replace(info, name=name, size=size, mean=mean, std=std))
