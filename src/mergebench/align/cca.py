@@ -1,0 +1,106 @@
+"""CCA Merge (Horoi et al.): per group, a dense map carrying B's units into A's canonical basis.
+
+From the streamed covariances of A's and B's probe outputs (every spatial position a sample), with γ·I added
+to both within-model covariances: M = Σ_A^-½ Σ_AB Σ_B^-½ = U S Vᵀ, and the map that takes B's activations
+to A's units through the shared canonical variates is T = Σ_A^½ U Vᵀ Σ_B^-½ (T⁻¹ = Σ_B^½ V Uᵀ Σ_A^-½).
+T goes on B's output axes and T⁻¹ on the consuming input axes. γ is chosen from a log grid by the accuracy
+of the α = 0.5 merge on the selection data (the CCA Merge code chose it on test data; see select_on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+
+from mergebench.align.activations import GroupStats, activation_stats, evaluate_batches, midpoint
+from mergebench.align.registry import ALIGNERS, Alignment
+from mergebench.align.spec import Transform, apply_transforms
+from mergebench.context import MergeContext
+from mergebench.errors import ConfigError
+
+GAMMA_GRID = tuple(10.0**e for e in range(-6, 8))
+
+
+@dataclasses.dataclass
+class CCAParams:
+    gamma: float | None = None
+    batch_size: int | None = None
+
+    def check(self) -> None:
+        if self.gamma is not None and self.gamma <= 0:
+            raise ConfigError(f"gamma={self.gamma} must be > 0, or null (search the grid)")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ConfigError(f"batch_size={self.batch_size} must be a positive integer or null (eval batch size)")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Eig:
+    """A symmetric PSD matrix's eigendecomposition, so Σ + γI raised to ±½ costs two matmuls per γ."""
+
+    values: Tensor
+    vectors: Tensor
+
+    @staticmethod
+    def of(cov: Tensor) -> _Eig:
+        values, vectors = torch.linalg.eigh(cov.double())
+        return _Eig(values.clamp_min(0), vectors)
+
+    def power(self, gamma: float, exponent: float) -> Tensor:
+        return (self.vectors * (self.values + gamma).pow(exponent)) @ self.vectors.T
+
+
+class CCAMaps:
+    """Per-group CCA maps for any γ, from one set of streamed statistics (eigendecompositions done once)."""
+
+    def __init__(self, stats: dict[str, GroupStats]) -> None:
+        self.parts = {g: (_Eig.of(s.cov_a), _Eig.of(s.cov_b), s.cov_ab.double()) for g, s in stats.items()}
+
+    def transforms(self, gamma: float) -> dict[str, Transform]:
+        out = {}
+        for group, (eig_a, eig_b, cov_ab) in self.parts.items():
+            a_isqrt, b_isqrt = eig_a.power(gamma, -0.5), eig_b.power(gamma, -0.5)
+            u, _, vh = torch.linalg.svd(a_isqrt @ cov_ab @ b_isqrt)
+            rotation = u @ vh
+            matrix = eig_a.power(gamma, 0.5) @ rotation @ b_isqrt
+            inverse = eig_b.power(gamma, 0.5) @ rotation.T @ a_isqrt
+            out[group] = Transform.dense(matrix, inverse)
+        return out
+
+
+def _score(ctx: MergeContext, ref: nn.Module, other: nn.Module, transforms: dict[str, Transform]) -> dict[str, float]:
+    aligned = apply_transforms(other.state_dict(), ctx.spec, transforms)
+    return evaluate_batches(midpoint(ctx, ref.state_dict(), aligned), ctx.select_batches())
+
+
+@ALIGNERS.register("cca", CCAParams)
+def align_cca(params: CCAParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
+    start = time.perf_counter()
+    batches = ctx.fit_batches(batch_size=params.batch_size or ctx.eval_batch_size)
+    maps = CCAMaps(activation_stats(ctx.spec, ref, other, batches))
+    if params.gamma is not None:
+        diagnostics = {"gamma": params.gamma, "gamma_searched": False}
+        transforms = maps.transforms(params.gamma)
+    else:
+        best: tuple[tuple[float, float], float, dict[str, Transform], dict[str, float]] | None = None
+        for gamma in GAMMA_GRID:
+            candidate = maps.transforms(gamma)
+            result = _score(ctx, ref, other, candidate)
+            # accuracy first, then loss; a map that blows the merge up (non-finite loss) never wins
+            key = (result["top1"], -result["loss"]) if math.isfinite(result["loss"]) else (-math.inf, -math.inf)
+            if best is None or key > best[0]:
+                best = key, gamma, candidate, result
+        assert best is not None
+        _, gamma, transforms, result = best
+        diagnostics = {
+            "gamma": gamma,
+            "gamma_searched": True,
+            "select_on": ctx.select_on,
+            "select_top1": result["top1"],
+            "select_loss": result["loss"],
+        }
+    diagnostics["seconds"] = time.perf_counter() - start
+    return Alignment(transforms, diagnostics)

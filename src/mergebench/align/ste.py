@@ -1,0 +1,120 @@
+"""Git Re-Basin's straight-through estimator (Yamada et al.'s "STE"): learn the permutation through a free
+copy θ̃ of model A.
+
+Every step weight-matches B onto θ̃ (warm-started from the previous permutation), then descends the
+cross-entropy of the midpoint 0.5·θ_A + 0.5·(sg(π(θ_B)) + θ̃ − sg(θ̃)) on the merge data: the forward pass sees
+the merge of A with the permuted B, the gradient flows into θ̃, which steers the next matching. After every
+epoch the merge of A with the current π(θ_B) is scored on held-out merge data; the best permutation wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from mergebench.align.activations import evaluate_batches, midpoint
+from mergebench.align.registry import ALIGNERS, Alignment
+from mergebench.align.spec import Transform, apply_transforms
+from mergebench.align.weight_matching import mix_seeds, weight_matching
+from mergebench.context import MergeContext
+from mergebench.errors import ConfigError
+from mergebench.progress import progress_bar
+
+
+@dataclasses.dataclass
+class STEParams:
+    epochs: int = 10
+    lr: float = 1e-2
+    batch_size: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"epochs={self.epochs} must be >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+        if self.batch_size is not None and self.batch_size <= 0:
+            raise ConfigError(f"batch_size={self.batch_size} must be a positive integer or null (the recipe's)")
+
+
+def _as_transforms(perms: dict[str, Tensor]) -> dict[str, Transform]:
+    return {g: Transform.permutation(p) for g, p in perms.items()}
+
+
+def _straight_through_midpoint(
+    state_a: dict[str, Tensor], aligned_b: dict[str, Tensor], free: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """0.5·θ_A + 0.5·(sg(π(θ_B)) + θ̃ − sg(θ̃)) for parameters: the value of the merge with π(θ_B), the gradient
+    of θ̃. Buffers are plain averages (BatchNorm in train mode normalises with batch statistics anyway)."""
+    out = {}
+    for k, a in state_a.items():
+        if k in free:
+            out[k] = 0.5 * a + 0.5 * (aligned_b[k] + free[k] - free[k].detach())
+        elif a.is_floating_point():
+            out[k] = 0.5 * (a + aligned_b[k])
+        else:
+            out[k] = a.clone()
+    return out
+
+
+@ALIGNERS.register("ste", STEParams)
+def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
+    start = time.perf_counter()
+    seed = mix_seeds(ctx.seed, params.seed)
+    state_a = {k: v.detach() for k, v in ref.state_dict().items()}
+    state_b = {k: v.detach() for k, v in other.state_dict().items()}
+    param_names = [name for name, _ in ref.named_parameters()]
+    free = {k: state_a[k].clone().requires_grad_(True) for k in param_names}  # θ̃, initialised at θ_A
+    optimizer = torch.optim.SGD(free.values(), lr=params.lr, momentum=0.9)
+    net = ctx.build_model().train()  # structure only: functional_call supplies every tensor
+
+    def match(perms: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
+        """Weight-match B onto θ̃ (θ̃'s buffers are A's). Step 0 is a full run, as align=weight_matching with the
+        same seed would do; later steps are one pass warm-started from `perms`, each in its own group order."""
+        state_free = {**state_a, **{k: v.detach() for k, v in free.items()}}
+        if perms is None:
+            return weight_matching(ctx.spec, state_free, state_b, seed=seed)[0]
+        return weight_matching(ctx.spec, state_free, state_b, seed=mix_seeds(seed, step), max_passes=1, init=perms)[0]
+
+    def held_out_loss(perms: dict[str, Tensor]) -> float:
+        aligned = apply_transforms(state_b, ctx.spec, _as_transforms(perms))
+        return evaluate_batches(midpoint(ctx, state_a, aligned), ctx.select_batches())["loss"]
+
+    perms, step = match(None, 0), 0
+    best_loss, best_perms, best_epoch = held_out_loss(perms), perms, 0
+    initial_loss = best_loss
+    batches = ctx.fit_batches(shuffle=True, seed=seed, batch_size=params.batch_size or ctx.batch_size)
+    with progress_bar() as progress:
+        task = progress.add_task("STE", total=params.epochs * len(batches), status="")
+        for epoch in range(1, params.epochs + 1):
+            for x, y in batches:
+                step += 1
+                perms = match(perms, step)
+                aligned = apply_transforms(state_b, ctx.spec, _as_transforms(perms))
+                mixed = _straight_through_midpoint(state_a, aligned, free)
+                loss = F.cross_entropy(functional_call(net, mixed, (x,)), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.advance(task)
+            step += 1
+            perms = match(perms, step)
+            val_loss = held_out_loss(perms)
+            if val_loss < best_loss:
+                best_loss, best_perms, best_epoch = val_loss, perms, epoch
+            progress.update(
+                task, status=f"epoch {epoch}/{params.epochs} loss {loss.item():.3f} held-out {val_loss:.3f}"
+            )
+    diagnostics = {
+        "epochs": params.epochs,
+        "best_epoch": best_epoch,
+        "held_out_loss": best_loss,
+        "wm_held_out_loss": initial_loss,
+        "seconds": time.perf_counter() - start,
+    }
+    return Alignment(_as_transforms(best_perms), diagnostics)
