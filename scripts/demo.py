@@ -1,5 +1,6 @@
-"""`make demo`: offline, CPU, embedded digits. Trains two MLPs on disjoint class halves, merges them with every
-method that exists, and prints one table. Each row is a real `mergebench` run (same configs, same code)."""
+"""`make demo`: offline, CPU, embedded digits. Trains two MLPs on disjoint class halves, merges them with Direct
+averaging, Permute, Weight Matching, CCA Merge, NP-P and Finetune-P, and prints one table. Each row is a real
+`mergebench` run (same configs, same code); the base models are trained once per setting and cached."""
 
 from __future__ import annotations
 
@@ -22,7 +23,14 @@ SETTINGS = {
     "MLP (no norm)": ["model.norm=none"],
     "MLP + BN, reset_bn": ["model.norm=bn", "repair=reset_bn"],
 }
-METHODS = [["align=identity", "agg=avg"]]
+METHODS = [
+    ["align=identity", "agg=avg"],
+    ["align=permute", "agg=avg"],
+    ["align=weight_matching", "agg=avg"],
+    ["align=cca", "agg=avg"],
+    ["align=permute", "agg=np"],
+    ["align=permute", "agg=finetune"],
+]
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""The `mergebench` command end to end: one-line errors for bad input, CSV rows, and the base-model cache."""
+"""The `mergebench` command end to end: one-line errors for bad input, CSV rows, and the caches."""
 
 from __future__ import annotations
 
@@ -10,14 +10,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from mergebench import cli as cli_module
+from mergebench.data.download import can_download
 from tests.conftest import SHARED_DATA
 
 MERGEBENCH = str(Path(sys.executable).parent / "mergebench")
 SMALL = ["model.hidden=[32,32]", "train.epochs=2", "train.batch_size=256"]
+NO_TORCHVISION = can_download("cifar10") is not None
 
 
 def cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "MERGEBENCH_DATA": str(SHARED_DATA), "COLUMNS": "200", **env}
+    environment = {k: v for k, v in os.environ.items() if k != "MERGEBENCH_CACHE"}
+    environment.update({"MERGEBENCH_DATA": str(SHARED_DATA), "COLUMNS": "200", **env})
     return subprocess.run([MERGEBENCH, *args], cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
 
 
@@ -26,36 +30,86 @@ def results_of(cwd: Path) -> pd.DataFrame:
     return pd.read_csv(csv)
 
 
+BAD_INPUT = [
+    pytest.param(["align=foo"], "align='foo' is not known; allowed: cca, identity", id="unknown-group-option"),
+    pytest.param(
+        ["dataset=imagenet"], "dataset='imagenet' is not known; allowed: cifar10, cifar100, digits", id="dataset"
+    ),
+    pytest.param(["-m", "align=identity,nope"], "align='nope' is not known", id="unknown-option-in-sweep"),
+    pytest.param(["foo=1"], "foo is not a known key", id="unknown-top-key"),
+    pytest.param(["+foo=1"], "foo is not a known key; allowed:", id="added-unknown-key"),
+    pytest.param(["model.widht=2"], "model.widht is not a known key", id="unknown-nested-key"),
+    pytest.param(["+model.widht=2"], "model.widht is not a known key; allowed: hidden, norm, width", id="added-nested"),
+    pytest.param(["model.width=abc"], "model.width", id="wrong-type-float"),
+    pytest.param(["data.num_models=two"], "data.num_models", id="wrong-type-int"),
+    pytest.param(["model.width=0"], "model.width=0 must be > 0", id="width-zero"),
+    pytest.param(["model.width=-2"], "model.width=-2 must be > 0", id="width-negative"),
+    pytest.param(["data.num_models=1"], "data.num_models=1 must be >= 2", id="one-model"),
+    pytest.param(["data=dirichlet", "data.concentration=-1"], "data.concentration=-1.0 must be > 0", id="split-param"),
+    pytest.param(
+        ["dataset=cifar10", "data.root=/nonexistent/data"],
+        "dataset=cifar10: /nonexistent/data/cifar-10-batches-py/data_batch_1 not found",
+        id="missing-dataset",
+    ),
+    pytest.param(
+        ["data=cross_dataset", "dataset=digits", "data.root=/nonexistent/data"],
+        "dataset=fashion_mnist: /nonexistent/data/FashionMNIST/raw/train-images-idx3-ubyte not found",
+        id="missing-second-dataset",
+    ),
+    pytest.param(
+        ["data=cross_dataset", "dataset=digits", "data.others=[nope]"], "data.others='nope' is not known", id="others"
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT)
+def test_bad_input_is_one_clear_line(
+    args: list[str], message: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In process (fast): the CLI's pre-flight check exits 2 with one line; Hydra never starts a job."""
+    monkeypatch.setattr(sys, "argv", ["mergebench", *args])
+    monkeypatch.setenv("COLUMNS", "80")  # soft wrap: a long message stays one line on a narrow terminal
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main()
+    assert exit_info.value.code == 2
+    out = capsys.readouterr()
+    lines = [ln for ln in out.err.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], out.err
+    assert "Traceback" not in out.err + out.out
+
+
+@pytest.mark.skipif(not NO_TORCHVISION, reason="torchvision is importable: data.download=true would fetch")
+def test_download_without_torchvision_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(sys, "argv", ["mergebench", "dataset=usps", "data.root=/nonexistent", "data.download=true"])
+    with pytest.raises(SystemExit):
+        cli_module.main()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "/nonexistent/usps.bz2" in err and "pip install mergebench[vision]" in err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["align=foo"], "align='foo' is not known; allowed: identity"),
-        (["dataset=imagenet"], "dataset='imagenet' is not known; allowed: cifar10, cifar100, digits"),
-        (["foo=1"], "foo is not a known key"),
-        (["+foo=1"], "foo is not a known key; allowed:"),
-        (["model.widht=2"], "model.widht is not a known key"),
-        (["model.width=abc"], "model.width"),
-        (["model.width=0"], "model.width=0 must be > 0"),
-        (["data.num_models=1"], "data.num_models=1 must be >= 2"),
-        (["data=dirichlet", "data.concentration=-1"], "data.concentration=-1.0 must be > 0"),
         (["-m", "align=identity,nope"], "align='nope' is not known"),
-        (["dataset=cifar10", "data.root=/nonexistent/data"], "/nonexistent/data"),
+        (["dataset=cifar10", "data.root=/nonexistent/data"], "/nonexistent/data/cifar-10-batches-py"),
     ],
 )
-def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_from_the_installed_command(tmp_path: Path, args: list[str], message: str) -> None:
     proc = cli(args, tmp_path)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert "Traceback" not in proc.stderr + proc.stdout
-    assert lines and message in lines[-1], proc.stderr
-    assert len(lines) == 1, proc.stderr
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert not (tmp_path / "outputs").exists()  # nothing launched
 
 
-def test_digits_run_writes_rows_and_second_run_hits_cache(tmp_path: Path) -> None:
+def test_digits_run_writes_rows_and_repeats_hit_the_caches(tmp_path: Path) -> None:
     args = ["data=split_classes", "repair=reset_bn", "model.norm=bn", *SMALL]
-    first = cli(args, tmp_path)
+    first = cli([*args, "hydra.run.dir=outputs/runs/a/first"], tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "cache hit" not in first.stdout
+    assert "cache hit" not in first.stdout and first.stdout.count("trained in") == 2
     df = results_of(tmp_path)
     roles = set(df.model_role)
     assert {"base_0", "base_1", "base_avg", "ensemble", "merged"} <= roles
@@ -64,14 +118,30 @@ def test_digits_run_writes_rows_and_second_run_hits_cache(tmp_path: Path) -> Non
     merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]
     assert merged.method_label.tolist() == ["Direct averaging"]
     assert df.run_id.nunique() == 1 and (df.dataset == "digits").all() and (df.repair == "reset_bn").all()
-    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    run_dir = tmp_path / "outputs" / "runs" / "a" / "first"
     assert (run_dir / "split_manifest.json").exists() and (run_dir / "split_indices.npz").exists()
     assert (run_dir / ".hydra" / "config.yaml").exists()
-    second = cli(args, tmp_path)
+
+    # the same command again: the finished run is a cache hit, nothing is trained or merged
+    second = cli([*args, "hydra.run.dir=outputs/again"], tmp_path)
     assert second.returncode == 0, second.stderr
-    assert second.stdout.count("cache hit") == 2, second.stdout
+    assert "cache hit: finished run" in second.stdout and "trained in" not in second.stdout
+    again = pd.read_csv(tmp_path / "outputs" / "again" / "results.csv")
+    pd.testing.assert_frame_equal(again, df)
+
+    # a different merge of the same base models: each base model is a cache hit, nothing is trained
+    third = cli([*args, "agg.alpha=0.3", "hydra.run.dir=outputs/alpha"], tmp_path)
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.count("cache hit") == 2 and "trained in" not in third.stdout, third.stdout
+    assert "base 0: cache hit" in third.stdout and "base 1: cache hit" in third.stdout
+    alpha = pd.read_csv(tmp_path / "outputs" / "alpha" / "results.csv")
+    bases = alpha.model_role.str.startswith("base")
+    pd.testing.assert_series_equal(
+        alpha[bases].value.reset_index(drop=True), df[df.model_role.str.startswith("base")].value.reset_index(drop=True)
+    )
 
 
+@pytest.mark.slow
 def test_real_mnist_dirichlet_run(tmp_path: Path, shared_data: Path) -> None:
     args = ["data=dirichlet", "dataset=mnist", f"data.root={shared_data}", "model=mlp", "train.epochs=1"]
     proc = cli(
@@ -80,7 +150,14 @@ def test_real_mnist_dirichlet_run(tmp_path: Path, shared_data: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     df = results_of(tmp_path)
+    assert (df.dataset == "mnist").all() and (df.split == "dirichlet").all() and (df.arch == "mlp").all()
+    assert set(df.model_role) == {"base_0", "base_1", "base_avg", "ensemble", "merged"}
+    assert set(df.metric) == {"top1", "top5", "loss"} and set(df.subset) == {"test"}
+    assert len(df) == 5 * 3
     top1 = df[(df.metric == "top1") & (df.subset == "test")].set_index("model_role")["value"]
-    assert top1["base_0"] > 50 and top1["base_1"] > 50  # one epoch on 3000 examples each still learns
+    assert top1["base_0"] > 50 and top1["base_1"] > 50  # one epoch on ~3000 examples each still learns
     assert top1["ensemble"] >= min(top1["base_0"], top1["base_1"])
-    assert (df.dataset == "mnist").all() and (df.split == "dirichlet").all()
+    top5 = df[(df.metric == "top5")].set_index("model_role")["value"]
+    assert (top5 >= top1.reindex(top5.index)).all()
+    manifest = (next((tmp_path / "outputs" / "runs").glob("*/*")) / "split_manifest.json").read_text()
+    assert '"train_pool": 6000' in manifest and '"test": 2000' in manifest

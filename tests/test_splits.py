@@ -3,15 +3,21 @@ really rotated images, resized cross-dataset pairs, and merge data that never to
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
-from mergebench.data.datasets import DatasetInfo, ImageData
+import torch.nn.functional as F
 
+from mergebench.data.datasets import DatasetInfo, ImageData, load_dataset
 from mergebench.data.merge_data import MergeDataConfig, select_merge_data
-from mergebench.data.splits import SPLITS, SplitRequest, rotate
+from mergebench.data.splits import SPLITS, DirichletParams, RotatedParams, Split8020Params, SplitRequest, rotate
 from mergebench.errors import ConfigError
 from mergebench.registry import to_dataclass
+from tests.conftest import SHARED_DATA
+from tests.fake_data import write_idx, write_usps
 
 COUNTS = [50, 61, 40, 33, 70, 45, 52, 38, 49, 57]
 
@@ -126,3 +132,78 @@ def test_merge_data_per_class_and_validation() -> None:
     assert torch.equal(one.fit, s.clients[1].sort().values)
     with pytest.raises(ConfigError, match=r"merge_data\.source"):
         to_dataclass(MergeDataConfig, {"source": "all"}, "merge_data")
+
+
+def test_rotation_is_bilinear_with_zero_fill() -> None:
+    white = torch.full((1, 1, 16, 16), 255, dtype=torch.uint8)
+    turned = rotate(white, 45.0)
+    assert turned[0, 0, 0, 0] == 0 and turned[0, 0, -1, -1] == 0  # corners come from outside: zero fill
+    assert (turned[0, 0, 6:10, 6:10] == 255).all()  # the centre stays
+    between = ((turned > 0) & (turned < 255)).sum().item()
+    assert between > 8  # bilinear blends along the rotated edges (nearest would give only 0 and 255)
+    assert torch.equal(rotate(white, 360.0), white)
+
+
+def _fake_files_loader(root: Path):
+    @functools.cache
+    def load(name: str) -> tuple[DatasetInfo, ImageData, ImageData]:
+        return load_dataset(name, root)
+
+    return load
+
+
+def test_cross_dataset_usps_mnist_resized_to_28(tmp_path: Path) -> None:
+    usps = write_usps(tmp_path, n_train=20, n_test=10)
+    write_idx(tmp_path, "MNIST", n_train=30, n_test=10)
+    load = _fake_files_loader(tmp_path)
+    entry = SPLITS.get("cross_dataset")
+    params = to_dataclass(entry.params, {"others": ["mnist"], "size": 28}, "data")
+    s = entry.factory(params, SplitRequest("usps", load, 2, 0))
+    assert s.train.x.shape == (50, 1, 28, 28) and s.test.x.shape == (20, 1, 28, 28)
+    assert s.info.size == 28 and s.info.name == "usps+mnist"
+    expected = F.interpolate(torch.from_numpy(usps["train"][0]).float(), size=(28, 28), mode="bilinear")
+    assert (s.train.x[s.clients[0]].float() - expected.round()).abs().max() <= 1
+    assert torch.equal(s.train.y[s.clients[0]], torch.from_numpy(usps["train"][1]))
+    assert [c.numel() for c in s.clients] == [20, 30] and s.test_subsets["client_1"].numel() == 10
+    # MNIST first: USPS follows MNIST's 28×28 without being told
+    default = to_dataclass(entry.params, {"others": ["usps"]}, "data")
+    s2 = entry.factory(default, SplitRequest("mnist", load, 2, 0))
+    assert s2.train.x.shape[-2:] == (28, 28) and s2.info.name == "mnist+usps"
+
+
+@pytest.fixture(scope="module")
+def real_mnist():
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real MNIST not found at {SHARED_DATA}")
+    data = load_dataset("mnist", SHARED_DATA)
+    return lambda name: data
+
+
+def test_real_mnist_80_20_counts(real_mnist) -> None:
+    s = SPLITS.get("split_80_20").factory(
+        to_dataclass(Split8020Params, {}, "data"), SplitRequest("mnist", real_mnist, 2, 0)
+    )
+    counts = torch.bincount(s.train.y, minlength=10)
+    for cls in range(10):
+        small = round(int(counts[cls]) * 0.2)
+        got = [int((s.train.y[c] == cls).sum()) for c in s.clients]
+        assert got == ([small, int(counts[cls]) - small] if cls < 5 else [int(counts[cls]) - small, small])
+    assert sum(c.numel() for c in s.clients) == 60000 and np.intersect1d(s.clients[0], s.clients[1]).size == 0
+
+
+def test_real_mnist_dirichlet_and_rotated(real_mnist) -> None:
+    params = to_dataclass(DirichletParams, {"concentration": 0.5}, "data")
+    s = SPLITS.get("dirichlet").factory(params, SplitRequest("mnist", real_mnist, 4, 0))
+    everything = torch.cat(s.clients)
+    assert everything.numel() == 60000 == torch.unique(everything).numel()
+    r = SPLITS.get("rotated").factory(RotatedParams(angle=90.0), SplitRequest("mnist", real_mnist, 2, 0))
+    a, b = r.train.x[r.clients[0][:100]], r.train.x[r.clients[1][:100]]
+    assert torch.equal(b, torch.rot90(a, k=1, dims=(2, 3))) or torch.equal(b, torch.rot90(a, k=-1, dims=(2, 3)))
+    assert len(r.test) == 20000
+
+
+@pytest.mark.parametrize(("split", "params"), [("split_80_20", {}), ("dirichlet", {}), ("split_classes", {})])
+def test_splits_are_functions_of_their_seed(split: str, params: dict) -> None:
+    a, b, c = make(split, seed=3, **params), make(split, seed=3, **params), make(split, seed=4, **params)
+    assert all(torch.equal(x, y) for x, y in zip(a.clients, b.clients))
+    assert not all(torch.equal(x, y) for x, y in zip(a.clients, c.clients))

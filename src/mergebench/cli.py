@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -15,15 +16,20 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
+from rich.markup import escape
 
 from mergebench.cache import atomic_write_text, content_key
 from mergebench.config import RunConfig, validate
+from mergebench.data.datasets import DATASETS, check_available
 from mergebench.errors import ConfigError
 from mergebench.progress import console
 from mergebench.results import run_table
 from mergebench.run import run
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# conf/hydra/launcher/*.yaml document the launcher plugins' options under the plugins' own names, so Hydra checks
+# them against the plugins' schemas (what we want) and warns that this matching is deprecated: not the user's concern.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*validated against ConfigStore schema")
 # flags after which Hydra prints help or config instead of running: nothing to check
 PASSTHROUGH_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
 CONFIG_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir"}
@@ -75,8 +81,18 @@ def check_overrides(args: list[str]) -> None:
                 cfg = compose("config", overrides=overrides)
             except (HydraException, OmegaConfBaseException) as err:
                 raise ConfigError(_compose_message(err)) from None
-        validate(cfg)
+        check_data(validate(cfg))
     GlobalHydra.instance().clear()
+
+
+def check_data(run_cfg: RunConfig) -> None:
+    """Every dataset the run reads is on disk (or fetchable): fail here, before Hydra launches any job."""
+    others = getattr(run_cfg.split.params, "others", None) or []
+    for name in others:
+        if name not in DATASETS.names():
+            raise ConfigError(f"data.others={name!r} is not known; allowed: {', '.join(DATASETS.names())}")
+    for name in [run_cfg.dataset.name, *others]:
+        check_available(name, run_cfg.data.root, run_cfg.data.download)
 
 
 def _compose_message(err: Exception) -> str:
@@ -89,10 +105,11 @@ def _compose_message(err: Exception) -> str:
 
 
 def run_or_resume(run_cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
-    """Run, unless a run with the same resolved config finished before: then reuse its rows (resumed sweeps)."""
+    """Run, unless a run with the same resolved config finished before: then reuse its rows (a cache hit: repeated
+    commands and resumed sweeps train and merge nothing)."""
     finished = run_cfg.cache_dir / "results" / f"{content_key(run_cfg.raw)}.csv"
     if finished.exists():
-        console.log(f"finished before: reusing {finished}", highlight=False)
+        console.log(f"cache hit: finished run {finished.stem}, reusing its rows ({finished})", highlight=False)
         text = finished.read_text()
         atomic_write_text(out_dir / "results.csv", text)
         return pd.read_csv(out_dir / "results.csv")
@@ -107,7 +124,7 @@ def _task(cfg: DictConfig) -> None:
         out_dir = Path(HydraConfig.get().runtime.output_dir)
         df = run_or_resume(run_cfg, out_dir)
     except ConfigError as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     title = f"{run_cfg.name}: {run_cfg.dataset.name} {run_cfg.data.split} {run_cfg.model.name}"
     console.print(run_table(df, title))
@@ -122,6 +139,6 @@ def main() -> None:
         try:
             check_overrides(overrides)
         except ConfigError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             sys.exit(2)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()

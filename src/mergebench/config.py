@@ -20,6 +20,7 @@ from mergebench.data.merge_data import MergeDataConfig
 from mergebench.data.splits import SPLITS
 from mergebench.errors import ConfigError
 from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
+from mergebench.merge.strategies import check_combination
 from mergebench.models import MODELS
 from mergebench.registry import Registry, to_dataclass
 
@@ -216,6 +217,14 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int):
         raise ConfigError(f"seed={seed!r} must be an integer")
+    agg = _component(AGGREGATORS, _section(raw, "agg"), "agg")
+    check_combination(strategy.name, data.num_models, agg.name, agg.params)
+    curve = to_dataclass(CurveConfig, _section(raw, "curve"), "curve")
+    if curve.points and data.num_models != 2:
+        raise ConfigError(
+            f"curve.points={curve.points} needs data.num_models=2, not {data.num_models}: "
+            "the curve interpolates model A and the aligned model B (curve.points=0 turns it off)"
+        )
     return RunConfig(
         name=str(raw.get("name", "adhoc")),
         seed=seed,
@@ -228,12 +237,12 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         model=_component(MODELS, _section(raw, "model"), "model"),
         train=to_dataclass(TrainConfig, _section(raw, "train"), "train"),
         align=_component(ALIGNERS, _section(raw, "align"), "align"),
-        agg=_component(AGGREGATORS, _section(raw, "agg"), "agg"),
+        agg=agg,
         repair=_component(REPAIRS, _section(raw, "repair"), "repair"),
         strategy=strategy,
         merge_data=to_dataclass(MergeDataConfig, _section(raw, "merge_data"), "merge_data"),
         references=to_dataclass(ReferencesConfig, _section(raw, "references"), "references"),
         eval=to_dataclass(EvalConfig, _section(raw, "eval"), "eval"),
-        curve=to_dataclass(CurveConfig, _section(raw, "curve"), "curve"),
+        curve=curve,
         raw=raw,
     )

@@ -109,10 +109,16 @@ def method_sort_key(label: str) -> tuple[int, str]:
 
 
 def run_table(df: pd.DataFrame, title: str) -> Table:
-    """One run's results: a row per evaluated model, columns = top-1/loss on the test set and top-1 per subset."""
+    """One run's results: a row per evaluated model, columns = top-1/loss on the test set and top-1 per subset;
+    the interpolation curve's barriers (test set), when there is a curve, as the caption."""
+    barrier = df[(df.model_role == "barrier") & (df.subset == "test")]
+    df = df[df.model_role != "barrier"]
     subsets = [s for s in df["subset"].unique() if s != "test"]
     has_alpha = df["alpha"].notna().any()
     table = Table(title=title)
+    if len(barrier):
+        values = ", ".join(f"{m} {v:.3g}" for m, v in zip(barrier.metric, barrier.value))
+        table.caption = f"curve barriers (test): {values}"
     table.add_column("method")
     if has_alpha:
         table.add_column("α", justify="right")

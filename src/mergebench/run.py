@@ -1,4 +1,5 @@
-"""One run, top to bottom: scenario -> base models -> references -> align/aggregate/repair -> evaluate -> CSV."""
+"""One run, top to bottom: scenario -> base models -> references -> align/aggregate/repair -> evaluate -> CSV,
+and, with `curve.points=N`, the interpolation curve of model A and the aligned model B with its barriers."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from mergebench.data.loader import to_device
 from mergebench.data.merge_data import select_merge_data
 from mergebench.data.splits import Scenario, SplitRequest
 from mergebench.evaluate import ensemble_logits, metrics, predict, subset_metrics
-from mergebench.merge.strategies import Methods
+from mergebench.merge.curve import barriers, interpolation_curve
+from mergebench.merge.strategies import Methods, align_to
 from mergebench.models import ModelInput
 from mergebench.results import RowWriter, base_label, method_label
 from mergebench.train import BaseModelRequest, train_or_load
@@ -148,8 +150,18 @@ def run(cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
         methods = Methods(cfg.align, cfg.agg, cfg.repair)
         merged = cfg.strategy.factory(cfg.strategy.params, [m for m, _ in models], methods, ctx)
         wall = time.perf_counter() - start
+        merged.save_artifacts(out_dir)
         label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name)
         writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=merged.diagnostics)
+
+        if cfg.curve.points:  # two models (checked with the config): A and B aligned to it, α = A's weight
+            model_a, model_b = align_to(models[0][0], [models[1][0]], methods, ctx)[0]
+            curve_label = method_label(cfg.align.name, "avg", cfg.repair.name)
+            points = []
+            for alpha, model in interpolation_curve(model_a, model_b, cfg.curve.points, cfg.repair, ctx):
+                points.append((alpha, evaluate(model)[1]))
+                writer.add(curve_label, "curve", points[-1][1], alpha=alpha)
+            writer.add(curve_label, "barrier", barriers(points))
     return writer.write(out_dir)
 
 

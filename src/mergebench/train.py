@@ -73,7 +73,7 @@ def train_model(
     model.train()
     start, seen, loss_value = time.perf_counter(), 0, float("nan")
     with progress_bar() as progress:
-        task = progress.add_task(label, total=recipe.epochs * len(batches), status="")
+        task = progress.add_task(label, total=recipe.epochs * len(batches), status=f"epoch 1/{recipe.epochs}")
         for epoch in range(recipe.epochs):
             total_loss, count = torch.zeros((), device=device), 0
             for x, y in batches:

@@ -10,16 +10,17 @@ permutation) on the selection data.
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from mergebench.align.spec import PermutationSpec
-from mergebench.context import MergeContext
 from mergebench.evaluate import metrics
-from mergebench.merge.repair import has_batchnorm, reset_bn
+
+if TYPE_CHECKING:  # the context imports align.spec, and so this package
+    from mergebench.context import MergeContext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,68 +51,70 @@ class GroupStats:
         return self.cov_ab / (torch.outer(self.std_a, self.std_b) + eps)
 
 
-def unit_samples(output: Tensor) -> Tensor:
-    """A probe's output as [samples, units]: channels are dim 1 (the last dim for an MLP's [N, C])."""
-    x = output.movedim(1, -1)
-    return x.reshape(-1, x.shape[-1])
+def channel_first(output: Tensor) -> Tensor:
+    """A probe's output [N, C, *spatial] (or [N, C]) as a [C, N, *spatial] view: units first, then samples."""
+    return output.detach().movedim(1, 0)
 
 
-class _Accumulator:
-    """Shifted sums and cross products of one group (float64).
+class _GroupAccumulator:
+    """Running float64 sums and sums of products of one group's units, A's and B's stacked as one vector.
 
-    Samples are shifted by the first batch's means before the per-batch products, so float32 products do
-    not cancel catastrophically when means are large next to standard deviations; the shift is undone at
-    the end. Memory is O(width²) whatever the number of samples.
+    Per batch the group's probe outputs of A and B are copied, shifted by the first batch's means (so a large
+    mean does not swamp the variance when the per-batch product runs in the model's dtype), into one
+    [2·width, samples] matrix z, and z·zᵀ — A×A, A×B and B×B in one matmul — is added to the float64
+    accumulator. Memory is O(width²) plus one batch; the shift is undone at the end.
     """
 
     def __init__(self) -> None:
+        self.outputs_a: list[Tensor] = []
+        self.outputs_b: list[Tensor] = []
         self.count = 0
-        self.pending: dict[str, deque[Tensor]] = {}
-        self.shift_a: Tensor | None = None
-        self.shift_b: Tensor | None = None
+        self.shift: Tensor | None = None
+        self.sums: Tensor | None = None
+        self.products: Tensor | None = None
 
-    def _shifted(self, output: Tensor, side: str) -> Tensor:
-        x = unit_samples(output.detach())
-        if x.dtype not in (torch.float32, torch.float64):
-            x = x.float()
-        shift = getattr(self, f"shift_{side}")
-        if shift is None:
-            shift = x.mean(dim=0)
-            setattr(self, f"shift_{side}", shift)
-        return x - shift
-
-    def push_a(self, probe: str, output: Tensor) -> None:
-        self.pending.setdefault(probe, deque()).append(self._shifted(output, "a"))
-
-    def add_b(self, probe: str, output: Tensor) -> None:
-        """Pair B's output with A's output of the same probe on the same batch and accumulate."""
-        a = self.pending[probe].popleft()
-        b = self._shifted(output, "b")
-        if self.count == 0:
-            f64 = {"dtype": torch.float64, "device": a.device}
-            self.sum_a = torch.zeros(a.shape[1], **f64)
-            self.sum_b = torch.zeros(b.shape[1], **f64)
-            self.aa = torch.zeros(a.shape[1], a.shape[1], **f64)
-            self.bb = torch.zeros(b.shape[1], b.shape[1], **f64)
-            self.ab = torch.zeros(a.shape[1], b.shape[1], **f64)
-        self.count += a.shape[0]
-        self.sum_a += a.sum(dim=0, dtype=torch.float64)
-        self.sum_b += b.sum(dim=0, dtype=torch.float64)
-        self.aa += a.T @ a
-        self.bb += b.T @ b
-        self.ab += a.T @ b
+    def add_batch(self) -> None:
+        """Fold the batch's stored probe outputs of A and B (paired by call order) into the sums."""
+        views_a = [channel_first(o) for o in self.outputs_a]
+        views_b = [channel_first(o) for o in self.outputs_b]
+        self.outputs_a.clear()
+        self.outputs_b.clear()
+        if not views_a:
+            return
+        width = views_a[0].shape[0]
+        samples = [v[0].numel() for v in views_a]
+        if self.shift is None:
+            self.shift = torch.cat([views_a[0].reshape(width, -1).mean(1), views_b[0].reshape(width, -1).mean(1)])
+        z = torch.empty(2 * width, sum(samples), dtype=views_a[0].dtype, device=views_a[0].device)
+        offset = 0
+        for view_a, view_b, n in zip(views_a, views_b, samples):
+            for rows, view, shift in (
+                (slice(0, width), view_a, self.shift[:width]),
+                (slice(width, None), view_b, self.shift[width:]),
+            ):
+                target = z[rows, offset : offset + n].unflatten(1, view.shape[1:])
+                torch.sub(view, shift.view(-1, *(1,) * (view.dim() - 1)), out=target)
+            offset += n
+        if self.sums is None:
+            self.sums = torch.zeros(2 * width, dtype=torch.float64, device=z.device)
+            self.products = torch.zeros(2 * width, 2 * width, dtype=torch.float64, device=z.device)
+        self.count += z.shape[1]
+        self.sums += z.sum(dim=1, dtype=torch.float64)
+        self.products += z @ z.T
 
     def result(self) -> GroupStats:
-        assert self.shift_a is not None and self.shift_b is not None, "the group's probes never ran"
-        n = self.count
-        mean_a, mean_b = self.sum_a / n, self.sum_b / n
+        assert self.shift is not None and self.sums is not None and self.products is not None, "probes never ran"
+        w = self.sums.shape[0] // 2
+        mean = self.sums / self.count
+        cov = self.products / self.count - torch.outer(mean, mean)
+        mean = mean + self.shift.double()
         return GroupStats(
-            count=n,
-            mean_a=self.shift_a.double() + mean_a,
-            mean_b=self.shift_b.double() + mean_b,
-            cov_a=self.aa / n - torch.outer(mean_a, mean_a),
-            cov_b=self.bb / n - torch.outer(mean_b, mean_b),
-            cov_ab=self.ab / n - torch.outer(mean_a, mean_b),
+            count=self.count,
+            mean_a=mean[:w],
+            mean_b=mean[w:],
+            cov_a=cov[:w, :w],
+            cov_b=cov[w:, w:],
+            cov_ab=cov[:w, w:],
         )
 
 
@@ -123,18 +126,18 @@ def activation_stats(
     batches: Iterable[tuple[Tensor, Tensor]],
     groups: Iterable[str] | None = None,
 ) -> dict[str, GroupStats]:
-    """Per-group statistics of A's and B's probe outputs in one eval-mode pass of both models over `batches`."""
-    accumulators = {g: _Accumulator() for g in (spec.probes if groups is None else groups)}
+    """Per-group statistics of A's and B's probe outputs in one eval-mode pass of both models over `batches`.
+
+    Probe outputs are read after both forwards of a batch, so they must not be modified in place by later
+    layers (no architecture here does; the streaming test would catch it).
+    """
+    accumulators = {g: _GroupAccumulator() for g in (spec.probes if groups is None else groups)}
     modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
     handles = []
     for group, acc in accumulators.items():
         for probe in spec.probes[group]:
-            handles.append(
-                modules_a[probe].register_forward_hook(lambda m, i, out, acc=acc, p=probe: acc.push_a(p, out))
-            )
-            handles.append(
-                modules_b[probe].register_forward_hook(lambda m, i, out, acc=acc, p=probe: acc.add_b(p, out))
-            )
+            handles.append(modules_a[probe].register_forward_hook(lambda m, i, out, s=acc.outputs_a: s.append(out)))
+            handles.append(modules_b[probe].register_forward_hook(lambda m, i, out, s=acc.outputs_b: s.append(out)))
     modes = model_a.training, model_b.training
     model_a.eval()
     model_b.eval()
@@ -142,6 +145,8 @@ def activation_stats(
         for x, _ in batches:
             model_a(x)
             model_b(x)
+            for acc in accumulators.values():
+                acc.add_batch()
     finally:
         for handle in handles:
             handle.remove()
@@ -153,6 +158,8 @@ def activation_stats(
 def midpoint(ctx: MergeContext, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> nn.Module:
     """The plain average of two (aligned) states as a model; BatchNorm statistics are reset on the merge data,
     as the pipeline's reset_bn would, so that a candidate is judged as it would be used."""
+    from mergebench.merge.repair import has_batchnorm, reset_bn  # merge imports this module: import on use
+
     state = {k: 0.5 * (a + state_b[k]) if a.is_floating_point() else a.clone() for k, a in state_a.items()}
     model = ctx.build_model()
     model.load_state_dict(state)

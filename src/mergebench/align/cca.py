@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -19,8 +20,10 @@ from torch import Tensor, nn
 from mergebench.align.activations import GroupStats, activation_stats, evaluate_batches, midpoint
 from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.align.spec import Transform, apply_transforms
-from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
+
+if TYPE_CHECKING:  # the context imports align.spec, and so this package
+    from mergebench.context import MergeContext
 
 GAMMA_GRID = tuple(10.0**e for e in range(-6, 8))
 
@@ -59,16 +62,18 @@ class CCAMaps:
     def __init__(self, stats: dict[str, GroupStats]) -> None:
         self.parts = {g: (_Eig.of(s.cov_a), _Eig.of(s.cov_b), s.cov_ab.double()) for g, s in stats.items()}
 
-    def transforms(self, gamma: float) -> dict[str, Transform]:
-        out = {}
+    def transforms(self, gamma: float) -> tuple[dict[str, Transform], float]:
+        """Every group's map for ridge γ, and the mean canonical correlation over all groups' directions."""
+        out, correlations = {}, []
         for group, (eig_a, eig_b, cov_ab) in self.parts.items():
             a_isqrt, b_isqrt = eig_a.power(gamma, -0.5), eig_b.power(gamma, -0.5)
-            u, _, vh = torch.linalg.svd(a_isqrt @ cov_ab @ b_isqrt)
+            u, s, vh = torch.linalg.svd(a_isqrt @ cov_ab @ b_isqrt)
             rotation = u @ vh
             matrix = eig_a.power(gamma, 0.5) @ rotation @ b_isqrt
             inverse = eig_b.power(gamma, 0.5) @ rotation.T @ a_isqrt
             out[group] = Transform.dense(matrix, inverse)
-        return out
+            correlations.append(s)
+        return out, torch.cat(correlations).mean().item()
 
 
 def _score(ctx: MergeContext, ref: nn.Module, other: nn.Module, transforms: dict[str, Transform]) -> dict[str, float]:
@@ -82,22 +87,23 @@ def align_cca(params: CCAParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
     batches = ctx.fit_batches(batch_size=params.batch_size or ctx.eval_batch_size)
     maps = CCAMaps(activation_stats(ctx.spec, ref, other, batches))
     if params.gamma is not None:
-        diagnostics = {"gamma": params.gamma, "gamma_searched": False}
-        transforms = maps.transforms(params.gamma)
+        transforms, mean_corr = maps.transforms(params.gamma)
+        diagnostics = {"gamma": params.gamma, "gamma_searched": False, "mean_corr": mean_corr}
     else:
-        best: tuple[tuple[float, float], float, dict[str, Transform], dict[str, float]] | None = None
+        best: tuple[tuple[float, float], float, dict[str, Transform], float, dict[str, float]] | None = None
         for gamma in GAMMA_GRID:
-            candidate = maps.transforms(gamma)
+            candidate, mean_corr = maps.transforms(gamma)
             result = _score(ctx, ref, other, candidate)
             # accuracy first, then loss; a map that blows the merge up (non-finite loss) never wins
             key = (result["top1"], -result["loss"]) if math.isfinite(result["loss"]) else (-math.inf, -math.inf)
             if best is None or key > best[0]:
-                best = key, gamma, candidate, result
+                best = key, gamma, candidate, mean_corr, result
         assert best is not None
-        _, gamma, transforms, result = best
+        _, gamma, transforms, mean_corr, result = best
         diagnostics = {
             "gamma": gamma,
             "gamma_searched": True,
+            "mean_corr": mean_corr,
             "select_on": ctx.select_on,
             "select_top1": result["top1"],
             "select_loss": result["loss"],

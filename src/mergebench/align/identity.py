@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import nn
 
 from mergebench.align.registry import ALIGNERS, Alignment
-from mergebench.context import MergeContext
+
+if TYPE_CHECKING:  # the context imports align.spec, and so this package
+    from mergebench.context import MergeContext
 
 
 @ALIGNERS.register("identity")

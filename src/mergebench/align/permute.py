@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -16,8 +17,10 @@ from torch import nn
 from mergebench.align.activations import GroupStats, activation_stats
 from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.align.spec import Transform
-from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
+
+if TYPE_CHECKING:  # the context imports align.spec, and so this package
+    from mergebench.context import MergeContext
 
 
 @dataclasses.dataclass

@@ -62,22 +62,6 @@ class Transform:
     def is_permutation(self) -> bool:
         return self.perm is not None
 
-    def as_matrix(self) -> Tensor:
-        if self.matrix is not None:
-            return self.matrix
-        assert self.perm is not None
-        n = self.perm.numel()
-        return torch.eye(n)[self.perm]
-
-    def compose(self, inner: Transform) -> Transform:
-        """The transform that applies `inner` first, then self."""
-        if self.perm is not None and inner.perm is not None:
-            return Transform.permutation(inner.perm[self.perm])
-        outer_m, inner_m = self.as_matrix().double(), inner.as_matrix().double()
-        outer_i = outer_m.T if self.perm is not None else self.inverse.double()
-        inner_i = inner_m.T if inner.perm is not None else inner.inverse.double()
-        return Transform(matrix=(outer_m @ inner_m).float(), inverse=(inner_i @ outer_i).float())
-
 
 def _apply_axis(t: Tensor, axis: int, tf: Transform, is_variance: bool) -> Tensor:
     if tf.perm is not None:
@@ -85,7 +69,6 @@ def _apply_axis(t: Tensor, axis: int, tf: Transform, is_variance: bool) -> Tenso
     mat = (tf.matrix if axis == 0 else tf.inverse.T).to(t.device, torch.float64)
     moved = t.double().movedim(axis, 0)
     flat = moved.reshape(moved.shape[0], -1)
-    # a BN running variance transforms as the diagonal of T diag(v) Tᵀ
     out = mat.pow(2) @ flat if is_variance else mat @ flat
     return out.reshape(moved.shape).movedim(0, axis).to(t.dtype)
 
@@ -93,7 +76,15 @@ def _apply_axis(t: Tensor, axis: int, tf: Transform, is_variance: bool) -> Tenso
 def apply_transforms(
     state: Mapping[str, Tensor], spec: PermutationSpec, transforms: Mapping[str, Transform]
 ) -> dict[str, Tensor]:
-    """Return a new state dict with every group's transform applied on every axis it acts on."""
+    """Return a new state dict with every group's transform applied: T on the axes where the group is the
+    output (axis 0), T⁻¹ on the axes where it is an input. The empty mapping is the identity.
+
+    Permutations are exact for every tensor, BatchNorm running statistics included. A dense map T is exact
+    only where the network is linear in the group's units; normalisation layers are not: their per-unit vectors
+    (scale, shift, running mean) are carried as T·v, and a running variance becomes diag(T diag(v) Tᵀ) = (T∘T)·v,
+    the variance of T·h if the units were uncorrelated — non-negative, but not the true variance, which needs
+    the full covariance. Dense maps (CCA) are therefore meant for BN-free nets or to be followed by reset_bn.
+    """
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
         t = tensor

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,11 @@ from mergebench.align.activations import evaluate_batches, midpoint
 from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.align.spec import Transform, apply_transforms
 from mergebench.align.weight_matching import mix_seeds, weight_matching
-from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.progress import progress_bar
+
+if TYPE_CHECKING:  # the context imports align.spec, and so this package
+    from mergebench.context import MergeContext
 
 
 @dataclasses.dataclass
@@ -74,12 +77,11 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
     net = ctx.build_model().train()  # structure only: functional_call supplies every tensor
 
     def match(perms: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
-        """Weight-match B onto θ̃ (θ̃'s buffers are A's). Step 0 is a full run, as align=weight_matching with the
-        same seed would do; later steps are one pass warm-started from `perms`, each in its own group order."""
+        """Weight-match B onto θ̃ (θ̃'s buffers are A's) to convergence, warm-started from the previous step's
+        permutation; step 0 starts from the identity, as align=weight_matching with the same seed would."""
         state_free = {**state_a, **{k: v.detach() for k, v in free.items()}}
-        if perms is None:
-            return weight_matching(ctx.spec, state_free, state_b, seed=seed)[0]
-        return weight_matching(ctx.spec, state_free, state_b, seed=mix_seeds(seed, step), max_passes=1, init=perms)[0]
+        step_seed = seed if perms is None else mix_seeds(seed, step)
+        return weight_matching(ctx.spec, state_free, state_b, seed=step_seed, init=perms)[0]
 
     def held_out_loss(perms: dict[str, Tensor]) -> float:
         aligned = apply_transforms(state_b, ctx.spec, _as_transforms(perms))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,8 +20,10 @@ from torch import Tensor, nn
 
 from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.align.spec import PermutationSpec, Transform
-from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
+
+if TYPE_CHECKING:  # the context imports align.spec, and so this package
+    from mergebench.context import MergeContext
 
 
 @dataclasses.dataclass

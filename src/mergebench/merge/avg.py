@@ -20,6 +20,11 @@ class AvgParams:
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"alpha={self.alpha} must be in [0, 1]")
 
+    def check_models(self, num_models: int) -> None:
+        """A scalar α weighs model A against model B; K > 2 models are averaged plainly, so α would be ignored."""
+        if num_models > 2 and self.alpha != 0.5:
+            raise ConfigError(f"alpha={self.alpha} only applies to two models; {num_models} are averaged (α = 1/K)")
+
 
 def weighted_state(models: list[nn.Module], weights: list[float]) -> dict[str, torch.Tensor]:
     """Σ_k w_k · state_k for every float tensor (buffers too); integer buffers are taken from model 0."""

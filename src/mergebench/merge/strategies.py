@@ -1,4 +1,9 @@
-"""K-model strategies: in which order models are aligned, aggregated and repaired."""
+"""K-model strategies: in which order models are aligned, aggregated and repaired.
+
+- all_to_one: align every model to model 0, aggregate all at once (NP Fig. 1 baselines).
+- pairwise: NP §III-C: merge random pairs (seeded order), then pairs of the results, until one model remains.
+- merge_many: Git Re-Basin's MergeMany: align each model to the average of the others, a few rounds, then aggregate.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,27 @@ import dataclasses
 import time
 from typing import Any
 
+import torch
 from torch import nn
 
-from mergebench.align.spec import apply_transforms
+from mergebench.align.spec import Transform, apply_transforms
 from mergebench.context import MergeContext
+from mergebench.errors import ConfigError
+from mergebench.merge.avg import weighted_state
 from mergebench.merge.registry import STRATEGIES, Merged
+from mergebench.merge.reset_bn import has_batchnorm, reset_bn, seeded_fit_batches
+
+
+@dataclasses.dataclass
+class StrategyParams:
+    """One schema for every strategy, so `merge.*` keys stay valid whichever strategy a sweep picks."""
+
+    rounds: int = 3  # merge_many: at most this many alignment rounds (stops early once no permutation changes)
+    order_seed: int | None = None  # pairwise pairing / merge_many visiting order; null = the run's seed
+
+    def check(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds={self.rounds} must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +43,32 @@ class Methods:
     repair: Any
 
 
+def models_per_aggregation(strategy: str, num_models: int) -> int:
+    return 2 if strategy == "pairwise" else num_models
+
+
+def check_combination(strategy: str, num_models: int, agg_name: str, agg_params: Any) -> None:
+    """Fail before any training when the aggregator cannot honour its parameters with this many models at once."""
+    check = getattr(agg_params, "check_models", None)
+    if check is None:
+        return
+    try:
+        check(models_per_aggregation(strategy, num_models))
+    except ConfigError as err:
+        raise ConfigError(
+            f"agg.{err} (agg={agg_name}, merge.strategy={strategy}, data.num_models={num_models}; "
+            "merge.strategy=pairwise merges two at a time)"
+        ) from None
+
+
+def align_one(ref: nn.Module, model: nn.Module, methods: Methods, ctx: MergeContext) -> tuple[nn.Module, Any]:
+    """A copy of `model` carried into `ref`'s basis, and the aligner's result."""
+    result = methods.align.factory(methods.align.params, ref, model, ctx)
+    copy = ctx.build_model()
+    copy.load_state_dict(apply_transforms(model.state_dict(), ctx.spec, result.transforms))
+    return copy, result
+
+
 def align_to(
     ref: nn.Module, others: list[nn.Module], methods: Methods, ctx: MergeContext
 ) -> tuple[list[nn.Module], dict]:
@@ -29,9 +76,7 @@ def align_to(
     aligned, diagnostics = [ref], {}
     start = time.perf_counter()
     for i, model in enumerate(others, start=1):
-        result = methods.align.factory(methods.align.params, ref, model, ctx)
-        copy = ctx.build_model()
-        copy.load_state_dict(apply_transforms(model.state_dict(), ctx.spec, result.transforms))
+        copy, result = align_one(ref, model, methods, ctx)
         aligned.append(copy)
         diagnostics.update(
             {f"align{i}_{k}" if len(others) > 1 else f"align_{k}": v for k, v in result.diagnostics.items()}
@@ -50,10 +95,81 @@ def aggregate_and_repair(models: list[nn.Module], methods: Methods, ctx: MergeCo
     return merged
 
 
-@STRATEGIES.register("all_to_one")
-def all_to_one(params: None, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
+@STRATEGIES.register("all_to_one", StrategyParams)
+def all_to_one(params: StrategyParams, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
     """Align every model to model 0, then aggregate all at once (NP Fig. 1 baselines)."""
     aligned, diagnostics = align_to(models[0], models[1:], methods, ctx)
     merged = aggregate_and_repair(aligned, methods, ctx)
+    merged.diagnostics = {**diagnostics, **merged.diagnostics}
+    return merged
+
+
+@STRATEGIES.register("pairwise", StrategyParams)
+def pairwise(params: StrategyParams, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
+    """NP §III-C: each level pairs the remaining models in a seeded random order; each pair is aligned (second to
+    first), aggregated and repaired; an odd model out waits for the next level. K models take K − 1 merges."""
+    gen = torch.Generator().manual_seed(ctx.seed if params.order_seed is None else params.order_seed)
+    pool = list(models)
+    labels = [str(k) for k in range(len(models))]
+    diagnostics: dict[str, Any] = {}
+    artifacts = {}
+    merges = 0
+    while len(pool) > 1:
+        order = torch.randperm(len(pool), generator=gen).tolist()
+        next_pool, next_labels = [], []
+        for i, j in zip(order[0::2], order[1::2]):
+            merges += 1
+            aligned, align_diag = align_to(pool[i], [pool[j]], methods, ctx)
+            merged = aggregate_and_repair(aligned, methods, ctx)
+            label = f"({labels[i]}+{labels[j]})"
+            diagnostics.update({f"merge{merges}_{k}": v for k, v in {**align_diag, **merged.diagnostics}.items()})
+            diagnostics[f"merge{merges}_pair"] = label
+            artifacts.update({f"merge{merges}_{name}": t for name, t in merged.artifacts.items()})
+            next_pool.append(merged.model)
+            next_labels.append(label)
+        if len(order) % 2:
+            next_pool.append(pool[order[-1]])
+            next_labels.append(labels[order[-1]])
+        pool, labels = next_pool, next_labels
+    diagnostics.update({"merges": merges, "merge_tree": labels[0]})
+    return Merged(pool[0], [1.0 / len(models)] * len(models), diagnostics, artifacts)
+
+
+def is_identity(transforms: dict[str, Transform]) -> bool:
+    return all(
+        t.perm is not None and torch.equal(t.perm.cpu(), torch.arange(t.perm.numel())) for t in transforms.values()
+    )
+
+
+def mean_model(models: list[nn.Module], ctx: MergeContext) -> nn.Module:
+    """The plain average, with BatchNorm statistics recomputed so activation-based aligners see sensible units."""
+    avg = ctx.build_model()
+    avg.load_state_dict(weighted_state(models, [1.0 / len(models)] * len(models)))
+    if has_batchnorm(avg):
+        reset_bn(avg, seeded_fit_batches(ctx))
+    return avg.eval()
+
+
+@STRATEGIES.register("merge_many", StrategyParams)
+def merge_many(params: StrategyParams, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
+    """Git Re-Basin's MergeMany: in a seeded order, align each model to the average of the others; repeat for up to
+    `rounds` rounds (stopping after a round where no permutation moved), then aggregate all and repair."""
+    gen = torch.Generator().manual_seed(ctx.seed if params.order_seed is None else params.order_seed)
+    current = list(models)
+    diagnostics: dict[str, Any] = {}
+    start = time.perf_counter()
+    rounds_run = 0
+    for _ in range(params.rounds):
+        rounds_run += 1
+        moved = False
+        for i in torch.randperm(len(current), generator=gen).tolist():
+            ref = mean_model(current[:i] + current[i + 1 :], ctx)
+            current[i], result = align_one(ref, current[i], methods, ctx)
+            moved = moved or not is_identity(result.transforms)
+            diagnostics.update({f"align{i}_{k}": v for k, v in result.diagnostics.items()})
+        if not moved:
+            break
+    diagnostics.update({"align_s": time.perf_counter() - start, "rounds": rounds_run})
+    merged = aggregate_and_repair(current, methods, ctx)
     merged.diagnostics = {**diagnostics, **merged.diagnostics}
     return merged

@@ -1,0 +1,155 @@
+"""`make bench`: the cost of one NP Merge epoch against one fine-tuning epoch of the same model on the same data
+(DESIGN §8: at most ~1.15×), and the peak memory of each, for ResNet20×4 and VGG11 on CPU; then the memory of
+joint K-model NP Merge against pairwise merging.
+
+Both epochs run the loop the aggregators run (`merge.loop.adam_epochs`): NP optimises α_pre through
+`functional_call` with the blend recomputed per step, fine-tuning optimises the weights. Timings alternate
+NP/fine-tune for `--repeats` rounds and report the median ratio, so they hold on a noisy machine. Peak memory is
+the process's peak resident set (VmHWM in /proc/self/status) above its level before the epoch, with the peak
+reset through /proc/self/clear_refs and glibc's mmap threshold pinned so freed tensors go back to the OS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.table import Table
+from torch import nn
+
+from mergebench.data.datasets import DatasetInfo, ImageData
+from mergebench.data.loader import Batches
+from mergebench.merge.loop import adam_epochs
+from mergebench.merge.np_merge import ParameterBlend, blended_forward
+from mergebench.models import MODELS, ModelInput
+from mergebench.progress import console
+
+ARCHS = {"resnet20×4": ("resnet20", {"width": 4}), "vgg11": ("vgg11", {"width": 1})}
+INFO = DatasetInfo("bench", 10, 3, 32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), False)
+STATUS = Path("/proc/self/status")
+
+
+def pin_malloc() -> None:
+    """Make large frees return memory to the OS, so each measurement starts from what is really held."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD: fixed, no dynamic growth
+    except OSError:
+        pass
+
+
+def rss_mb(field: str) -> float:
+    for line in STATUS.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb(run: Callable[[], None]) -> float:
+    """Peak resident memory above the starting level while `run` runs (Linux; nan elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    before = rss_mb("VmRSS")
+    run()
+    return rss_mb("VmHWM") - before
+
+
+def build(arch: str, overrides: dict, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    entry = MODELS.get(arch)
+    return entry.factory(entry.params(**overrides), ModelInput(3, 32, 10))
+
+
+def np_epoch(models: list[nn.Module], batches: Batches) -> Callable[[], None]:
+    def run() -> None:
+        sources = [dict(m.named_parameters()) for m in models]
+        blend = ParameterBlend(sources, list(sources[0]))
+        net = models[0].requires_grad_(False).train()
+        adam_epochs(blended_forward(net, blend), blend.logits.values(), batches, lr=0.01, epochs=1, label="NP epoch")
+        del blend
+
+    return run
+
+
+def finetune_epoch(model: nn.Module, batches: Batches) -> Callable[[], None]:
+    def run() -> None:
+        net = model.requires_grad_(True).train()
+        adam_epochs(net, net.parameters(), batches, lr=1e-4, epochs=1, label="fine-tune epoch")
+
+    return run
+
+
+def seconds(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1000, help="merge-data size (random CIFAR-shaped images)")
+    parser.add_argument("--batch-size", type=int, default=500, help="the recipes' batch size")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--archs", nargs="*", default=list(ARCHS), choices=list(ARCHS))
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args()
+    pin_malloc()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(0)
+    data = ImageData(
+        torch.randint(0, 256, (args.samples, 3, 32, 32), dtype=torch.uint8, generator=gen),
+        torch.randint(0, 10, (args.samples,), generator=gen),
+    )
+    batches = Batches(data, torch.arange(args.samples), INFO, args.batch_size, shuffle=True)
+
+    table = Table(title=f"NP epoch vs fine-tune epoch, CPU ({torch.get_num_threads()} threads), {args.samples} images")
+    for col in ("model", "params", "NP s", "FT s", "NP/FT (median)", "target", "NP peak MB", "FT peak MB"):
+        table.add_column(col, justify="right")
+    for label in args.archs:
+        arch, overrides = ARCHS[label]
+        a, b, ft = build(arch, overrides, 0), build(arch, overrides, 1), build(arch, overrides, 2)
+        run_np, run_ft = np_epoch([a, b], batches), finetune_epoch(ft, batches)
+        run_np(), run_ft()  # warm-up: allocator, kernels
+        np_s, ft_s = [], []
+        for _ in range(args.repeats):
+            np_s.append(seconds(run_np))
+            ft_s.append(seconds(run_ft))
+        ratio = statistics.median(n / f for n, f in zip(np_s, ft_s))
+        np_mb, ft_mb = peak_rss_mb(run_np), peak_rss_mb(run_ft)
+        n_params = sum(p.numel() for p in a.parameters())
+        table.add_row(
+            label,
+            f"{n_params / 1e6:.2f}M",
+            f"{statistics.median(np_s):.2f}",
+            f"{statistics.median(ft_s):.2f}",
+            f"{ratio:.3f}",
+            "≤ 1.15" + (" ✓" if ratio <= 1.15 else " ✗"),
+            f"{np_mb:.0f}",
+            f"{ft_mb:.0f}",
+        )
+    console.print(table)
+
+    mem = Table(title="NP Merge memory: 4 models jointly (softmax weights) vs pairwise (2 at a time), one epoch")
+    for col in ("model", "joint K=4 peak MB", "pairwise merge peak MB"):
+        mem.add_column(col, justify="right")
+    for label in args.archs:
+        arch, overrides = ARCHS[label]
+        four = [build(arch, overrides, s) for s in range(4)]
+        mem.add_row(
+            label, f"{peak_rss_mb(np_epoch(four, batches)):.0f}", f"{peak_rss_mb(np_epoch(four[:2], batches)):.0f}"
+        )
+    console.print(mem)
+    console.print("peak MB = peak resident set above the level before the epoch (/proc VmHWM, reset per measurement)")
+
+
+if __name__ == "__main__":
+    main()

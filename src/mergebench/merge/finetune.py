@@ -1,0 +1,80 @@
+"""Merge-then-finetune (NP's "Finetune-P/WM" baseline): average the aligned models (α = 0.5, K models: the mean),
+then train every weight on the same merge data, with the same optimiser and epochs NP Merge gets.
+
+NP tuned the learning rate; here `lr=auto` picks it from `lr_grid` on the validation carve-out of the merge data
+(or on the test set with select_on=test, as the papers did), and the results record which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+
+from mergebench.align.activations import evaluate_batches
+from mergebench.context import MergeContext
+from mergebench.errors import ConfigError
+from mergebench.merge.avg import weighted_state
+from mergebench.merge.loop import adam_epochs
+from mergebench.merge.registry import AGGREGATORS, Merged
+from mergebench.merge.reset_bn import reset_bn, seeded_fit_batches
+
+
+@dataclasses.dataclass
+class FinetuneParams:
+    epochs: int = 10
+    lr: Any = "auto"  # a positive number, or auto = the best of lr_grid on the select_on data
+    lr_grid: list[float] = dataclasses.field(default_factory=lambda: [1e-5, 1e-4, 1e-3])
+
+    def check(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"epochs={self.epochs} must be >= 0")
+        if not self.lr_grid or min(self.lr_grid) <= 0:
+            raise ConfigError(f"lr_grid={self.lr_grid} must be a non-empty list of positive learning rates")
+        self.learning_rates()
+
+    def learning_rates(self) -> list[float]:
+        if self.lr == "auto":
+            return list(self.lr_grid)
+        try:
+            lr = float(self.lr)
+        except (TypeError, ValueError):
+            lr = -1.0
+        if not lr > 0:
+            raise ConfigError(f"lr={self.lr!r} must be a positive number or 'auto' (the best of lr_grid)")
+        return [lr]
+
+
+def finetune(start: dict, lr: float, epochs: int, ctx: MergeContext) -> tuple[nn.Module, list[float]]:
+    """A fresh model loaded with `start`, every weight trained with Adam on the merge data, BN statistics reset."""
+    net = ctx.build_model()
+    net.load_state_dict(start)
+    net.train()
+    losses = adam_epochs(
+        net, net.parameters(), seeded_fit_batches(ctx), lr=lr, epochs=epochs, label=f"Finetune lr={lr:g}"
+    )
+    net.requires_grad_(False)
+    return reset_bn(net, seeded_fit_batches(ctx)).eval(), losses
+
+
+@AGGREGATORS.register("finetune", FinetuneParams)
+def aggregate_finetune(params: FinetuneParams, models: list[nn.Module], ctx: MergeContext) -> Merged:
+    weights = [1.0 / len(models)] * len(models)
+    start = weighted_state(models, weights)
+    rates = params.learning_rates()
+    best, scores = None, {}
+    for lr in rates:
+        net, losses = finetune(start, lr, params.epochs, ctx)
+        key = (0.0, 0.0)
+        if len(rates) > 1:
+            result = evaluate_batches(net, ctx.select_batches())
+            scores[lr] = result["top1"]
+            key = (result["top1"], -result["loss"])
+        if best is None or key > best[0]:
+            best = (key, lr, net, losses)
+    _, lr, net, losses = best
+    diagnostics = {"ft_lr": lr, "ft_epoch_loss": losses}
+    if scores:
+        diagnostics.update({"ft_lr_top1": scores, "ft_lr_selected_on": ctx.select_on})
+    return Merged(net, weights, diagnostics)

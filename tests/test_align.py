@@ -1,0 +1,294 @@
+"""Aligners on planted problems: B is A with known permutations (or a known invertible mixing), so what an aligner
+must return is known exactly; streamed statistics against statistics of all activations at once."""
+
+from __future__ import annotations
+
+import itertools
+import types
+from copy import deepcopy
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mergebench.align import ALIGNERS
+from mergebench.align.activations import activation_stats
+from mergebench.align.cca import CCAMaps
+from mergebench.align.permute import correlation_matching
+from mergebench.align.spec import PermutationSpec, Transform, apply_transforms, random_permutations
+from mergebench.align.weight_matching import weight_matching
+from mergebench.context import MergeContext
+from mergebench.data.datasets import DatasetInfo, ImageData
+from mergebench.data.merge_data import MergeData
+from mergebench.merge.strategies import Methods, align_to
+from mergebench.models import MODELS, ModelInput
+from mergebench.registry import to_dataclass
+
+ARCHS = [
+    ("mlp", {"hidden": [32, 24, 16]}, 1, 8),
+    ("vgg11", {"width": 0.125}, 3, 32),
+    ("resnet20", {"width": 0.5}, 3, 16),
+    ("resnet18", {"width": 0.125, "stem": "cifar"}, 3, 16),
+]
+CASES = [(*arch, norm) for arch in ARCHS for norm in (["bn"] if arch[0] == "resnet18" else ["bn", "layernorm", "none"])]
+
+
+def build(name: str, params: dict, channels: int, size: int, norm: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    entry = MODELS.get(name)
+    model = entry.factory(to_dataclass(entry.params, {**params, "norm": norm}, "model"), ModelInput(channels, size, 10))
+    model.train()
+    with torch.no_grad():  # non-trivial BN running statistics, so a forgotten buffer shows
+        for _ in range(2):
+            model(torch.randn(32, channels, size, size) * 2 + 1)
+    return model.eval()
+
+
+def with_state(model: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """A copy of `model` (same architecture and options) holding `state`."""
+    copy = deepcopy(model)
+    copy.load_state_dict(state)
+    return copy.eval()
+
+
+def noisy(state: dict[str, Tensor], scale: float, seed: int) -> dict[str, Tensor]:
+    """Every float tensor plus Gaussian noise of `scale` × its own standard deviation (running_var kept positive)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point() or v.numel() < 2:
+            out[k] = v.clone()
+            continue
+        out[k] = v + scale * v.std() * torch.randn(v.shape, generator=gen)
+        if k.endswith("running_var"):
+            out[k] = out[k].abs()
+    return out
+
+
+def inverse(perm: Tensor) -> Tensor:
+    return torch.argsort(perm)
+
+
+def recovered(found: dict[str, Tensor], planted: dict[str, Transform], alive: dict[str, Tensor] | None = None) -> float:
+    """Fraction of units matched to where the planted permutation put them (only `alive` units, if given)."""
+    hits = total = 0
+    for g, tf in planted.items():
+        keep = torch.ones_like(tf.perm, dtype=torch.bool) if alive is None else alive[g]
+        hits += (found[g] == inverse(tf.perm))[keep].sum().item()
+        total += keep.sum().item()
+    return hits / total
+
+
+def logits(model: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return model.eval()(x)
+
+
+@pytest.mark.parametrize(("name", "params", "channels", "size", "norm"), CASES)
+def test_planted_permutations_are_recovered(name: str, params: dict, channels: int, size: int, norm: str) -> None:
+    model_a = build(name, params, channels, size, norm)
+    spec = model_a.permutation_spec()
+    state_a = model_a.state_dict()
+    planted = random_permutations(spec, state_a, seed=1)
+    model_b = with_state(model_a, apply_transforms(state_a, spec, planted))
+    x = torch.randn(64, channels, size, size)
+
+    # weight matching: exact, and the aligned B is A's function on any input
+    perms, info = weight_matching(spec, state_a, model_b.state_dict(), seed=0)
+    assert recovered(perms, planted) == 1.0
+    assert info["passes"] >= 2 and info["objective"] > info["history"][0]
+    aligned = with_state(model_a, apply_transforms(model_b.state_dict(), spec, as_transforms(perms)))
+    torch.testing.assert_close(logits(aligned, x), logits(model_a, x), rtol=1e-5, atol=1e-5)
+
+    # activation matching: exact on every unit the data can tell apart; a dead unit (zero on all data, in A and in
+    # B alike) can only be matched to some dead unit, which is the same function on that data
+    stats = activation_stats(spec, model_a, model_b, [(x[:40], None), (x[40:], None)])
+    found, mean_corr = correlation_matching(stats)
+    alive = {g: s.std_a > 0 for g, s in stats.items()}
+    assert recovered({g: t.perm for g, t in found.items()}, planted, alive) == 1.0
+    for g, s in stats.items():
+        assert (s.std_b[found[g].perm] > 0).equal(alive[g])
+    assert mean_corr > 0.5
+    aligned = with_state(model_a, apply_transforms(model_b.state_dict(), spec, found))
+    torch.testing.assert_close(logits(aligned, x), logits(model_a, x), rtol=1e-5, atol=1e-5)
+
+    # small noise on every weight and statistic: still at least 95% of the units
+    state_b = noisy(model_b.state_dict(), 0.05, seed=2)
+    perms, _ = weight_matching(spec, state_a, state_b, seed=0)
+    assert recovered(perms, planted) >= 0.95
+    stats = activation_stats(spec, model_a, with_state(model_a, state_b), [(x, None)])
+    found, _ = correlation_matching(stats)
+    assert recovered({g: t.perm for g, t in found.items()}, planted, alive) >= 0.95
+
+
+def as_transforms(perms: dict[str, Tensor]) -> dict[str, Transform]:
+    return {g: Transform.permutation(p) for g, p in perms.items()}
+
+
+def test_weight_matching_never_decreases_and_restarts_never_hurt() -> None:
+    spec_model_a = build("resnet20", {"width": 0.5}, 3, 16, "bn", seed=0)
+    spec = spec_model_a.permutation_spec()
+    state_a, state_b = spec_model_a.state_dict(), build("resnet20", {"width": 0.5}, 3, 16, "bn", seed=1).state_dict()
+    single = weight_matching(spec, state_a, state_b, seed=3)[1]
+    history = single["history"]
+    assert len(history) >= 3, "independent models need several passes"
+    assert all(b >= a for a, b in itertools.pairwise(history))
+    assert single["passes"] == len(history) - 1 and single["seconds"] > 0
+    several = weight_matching(spec, state_a, state_b, seed=3, restarts=3)[1]
+    assert several["objective"] >= single["objective"]
+    # the objective is what it claims: Σ ⟨W_A, π(W_B)⟩ over every float tensor the spec maps
+    perms = weight_matching(spec, state_a, state_b, seed=3)[0]
+    moved = apply_transforms(state_b, spec, as_transforms(perms))
+    direct = sum(float((state_a[k].double() * moved[k].double()).sum()) for k, g in spec.axes.items() if any(g))
+    assert direct == pytest.approx(single["objective"], rel=1e-9)
+
+
+def linear_mlp(seed: int) -> nn.Module:
+    """The MLP with its ReLUs replaced by identities: linear in every group, so a dense mixing is exact."""
+    model = build("mlp", {"hidden": [12, 10, 8]}, 1, 4, "none", seed=seed)
+    for i in range(len(model.acts)):
+        model.acts[i] = nn.Identity()
+    return model.double()
+
+
+def test_cca_undoes_a_planted_mixing_of_one_group() -> None:
+    model_a = linear_mlp(0)
+    spec = model_a.permutation_spec()
+    gen = torch.Generator().manual_seed(5)
+    mixing = torch.randn(10, 10, generator=gen, dtype=torch.float64) + 2 * torch.eye(10)
+    model_b = with_state(model_a, apply_transforms(model_a.state_dict(), spec, {"h1": Transform.dense(mixing)}))
+    x = torch.randn(400, 1, 4, 4, generator=gen, dtype=torch.float64)
+    assert not torch.allclose(model_b.state_dict()["layers.1.weight"], model_a.state_dict()["layers.1.weight"])
+    transforms, mean_corr = CCAMaps(activation_stats(spec, model_a, model_b, [(x, None)])).transforms(1e-9)
+    assert mean_corr == pytest.approx(1.0, abs=1e-6)
+    torch.testing.assert_close(transforms["h1"].matrix, torch.linalg.inv(mixing), rtol=1e-6, atol=1e-6)
+    aligned = with_state(model_a, apply_transforms(model_b.state_dict(), spec, transforms))
+    state_a, state_aligned = model_a.state_dict(), aligned.state_dict()
+    for k in state_a:  # B's weights are A's again, not merely the same function
+        torch.testing.assert_close(state_aligned[k], state_a[k], rtol=1e-4, atol=1e-4)
+    x_new = torch.randn(50, 1, 4, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(logits(aligned, x_new), logits(model_a, x_new), rtol=1e-4, atol=1e-4)
+
+
+def all_activations(spec: PermutationSpec, model: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """Every probe output at once as [samples, units] (float64), each spatial position a sample."""
+    seen: dict[str, list[Tensor]] = {g: [] for g in spec.probes}
+    modules = dict(model.named_modules())
+    handles = [
+        modules[p].register_forward_hook(lambda m, i, out, g=g: seen[g].append(out.movedim(1, -1).flatten(0, -2)))
+        for g, probes in spec.probes.items()
+        for p in probes
+    ]
+    logits(model, x)
+    for h in handles:
+        h.remove()
+    return {g: torch.cat(v) for g, v in seen.items()}
+
+
+@pytest.mark.parametrize(("name", "params", "size"), [("mlp", {"hidden": [7, 5]}, 3), ("resnet20", {"width": 0.25}, 4)])
+def test_streamed_statistics_equal_statistics_of_all_activations(name: str, params: dict, size: int) -> None:
+    channels = 1 if name == "mlp" else 3
+    model_a = build(name, params, channels, size, "bn", seed=0).double()
+    model_b = build(name, params, channels, size, "bn", seed=1).double()
+    spec = model_a.permutation_spec()
+    x = torch.randn(11, channels, size, size, dtype=torch.float64) * 3 + 5  # large means test the shift
+    acts_a, acts_b = all_activations(spec, model_a, x), all_activations(spec, model_b, x)
+    splits = [[11], [1, 2, 1, 7], [5, 6]] if name == "resnet20" else [[11], [1] * 11, [4, 3, 4], [10, 1]]
+    for split in splits:
+        batches = [(chunk, None) for chunk in x.split(split)]
+        stats = activation_stats(spec, model_a, model_b, batches)
+        for g, s in stats.items():
+            a, b = acts_a[g], acts_b[g]
+            ca, cb = a - a.mean(0), b - b.mean(0)
+            assert s.count == a.shape[0]
+            torch.testing.assert_close(s.mean_a, a.mean(0))
+            torch.testing.assert_close(s.mean_b, b.mean(0))
+            torch.testing.assert_close(s.cov_a, ca.T @ ca / len(a))
+            torch.testing.assert_close(s.cov_b, cb.T @ cb / len(b))
+            torch.testing.assert_close(s.cov_ab, ca.T @ cb / len(a))
+    # residual streams pool all their probes: the stem and every block output of stage 0
+    if name == "resnet20":
+        assert len(spec.probes["s0"]) == 4
+
+
+def fake_context(model: nn.Module, channels: int, size: int, n: int = 128) -> MergeContext:
+    gen = torch.Generator().manual_seed(0)
+    data = ImageData(
+        torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=gen), torch.arange(n) % 10
+    )
+    info = DatasetInfo("fake", 10, channels, size, (0.5,) * channels, (0.25,) * channels, False)
+
+    def fresh() -> nn.Module:
+        return deepcopy(model)
+
+    return MergeContext(
+        spec=model.permutation_spec(),
+        build_model=fresh,
+        train=data,
+        test=data,
+        info=info,
+        merge=MergeData(fit=torch.arange(n - 32), val=torch.arange(n - 32, n)),
+        batch_size=32,
+        eval_batch_size=48,
+        device=torch.device("cpu"),
+        seed=0,
+    )
+
+
+def method(name: str, **params: object) -> Methods:
+    entry = ALIGNERS.get(name)
+    values = to_dataclass(entry.params, params, "align") if entry.params is not None else None
+    return Methods(types.SimpleNamespace(factory=entry.factory, params=values), None, None)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "channels", "size", "norm", "seed"),
+    [("mlp", {"hidden": [32, 24, 16]}, 1, 8, "bn", SEED), ("resnet20", {"width": 0.25}, 3, 8, "layernorm", 0)],
+)
+def test_all_to_one_aligns_every_model_to_model_0(
+    name: str, params: dict, channels: int, size: int, norm: str, seed: int
+) -> None:
+    """K = 3 through the registered aligners: models 1 and 2 carry different planted permutations of model 0.
+
+    The seeds give models without dead units on the fake data, so activation-based aligners can (and must)
+    recover every unit exactly."""
+    model_0 = build(name, params, channels, size, norm, seed)
+    spec = model_0.permutation_spec()
+    state = model_0.state_dict()
+    others = [
+        with_state(model_0, apply_transforms(state, spec, random_permutations(spec, state, seed=s))) for s in (1, 2)
+    ]
+    ctx = fake_context(model_0, channels, size)
+    stats = activation_stats(spec, model_0, model_0, ctx.fit_batches())
+    assert all((s.std_a > 0).all() for s in stats.values()), "precondition: no dead units"
+    for aligner, extra in [("identity", {}), ("permute", {}), ("weight_matching", {}), ("cca", {"gamma": 1e-6})]:
+        aligned, diagnostics = align_to(model_0, others, method(aligner, **extra), ctx)
+        assert len(aligned) == 3 and aligned[0] is model_0
+        assert diagnostics["align_s"] > 0
+        for k, model in enumerate(aligned[1:], start=1):
+            # every aligner but identity must bring model k's weights back to model 0's (a planted permutation
+            # leaves the function unchanged, so it is the weights that tell whether alignment happened)
+            target = others[k - 1].state_dict() if aligner == "identity" else state
+            for key, value in model.state_dict().items():
+                if aligner == "cca" and norm == "bn" and key.endswith("running_var"):
+                    continue  # a dense map carries a running variance only approximately (see apply_transforms)
+                torch.testing.assert_close(value, target[key], rtol=1e-3, atol=1e-3)
+            if aligner != "identity":
+                assert diagnostics[f"align{k}_seconds"] > 0
+        if aligner == "permute":
+            assert diagnostics["align1_mean_corr"] > 0.5
+        if aligner == "weight_matching":
+            assert {"align1_objective", "align2_passes"} <= set(diagnostics)
+        if aligner == "cca":
+            assert diagnostics["align1_gamma"] == 1e-6
+
+
+def test_bad_aligner_parameters_are_one_line_errors() -> None:
+    from mergebench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"align\.restarts=0 must be >= 1"):
+        to_dataclass(ALIGNERS.get("weight_matching").params, {"restarts": 0}, "align")
+    with pytest.raises(ConfigError, match=r"align\.gamma=-1.0 must be > 0"):
+        to_dataclass(ALIGNERS.get("cca").params, {"gamma": -1}, "align")
+    with pytest.raises(ConfigError, match=r"align\.lr=0.0 must be > 0"):
+        to_dataclass(ALIGNERS.get("ste").params, {"lr": 0}, "align")
