@@ -6,7 +6,8 @@ Both epochs run the loop the aggregators run (`merge.loop.adam_epochs`): NP opti
 `functional_call` with the blend recomputed per step, fine-tuning optimises the weights. Timings alternate
 NP/fine-tune for `--repeats` rounds and report the median ratio, so they hold on a noisy machine. Peak memory is
 the process's peak resident set (VmHWM in /proc/self/status) above its level before the epoch, with the peak
-reset through /proc/self/clear_refs and glibc's mmap threshold pinned so freed tensors go back to the OS.
+reset through /proc/self/clear_refs and glibc's mmap threshold pinned so freed tensors go back to the OS. Besides
+the wall-time ratio the script prints the process-CPU-time ratio, which other jobs on a shared machine disturb less.
 """
 
 from __future__ import annotations
@@ -50,16 +51,18 @@ def rss_mb(field: str) -> float:
     return float("nan")
 
 
-def peak_rss_mb(run: Callable[[], None]) -> float:
-    """Peak resident memory above the starting level while `run` runs (Linux; nan elsewhere)."""
+def measure(run: Callable[[], None]) -> tuple[float, float, float]:
+    """Wall seconds of `run`, its process CPU seconds (what other jobs on a shared machine disturb least), and its
+    peak resident memory above the starting level in MB (nan off Linux)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        before = rss_mb("VmRSS")
     except OSError:
-        return float("nan")
-    before = rss_mb("VmRSS")
+        before = float("nan")
+    start, cpu = time.perf_counter(), time.process_time()
     run()
-    return rss_mb("VmHWM") - before
+    return time.perf_counter() - start, time.process_time() - cpu, rss_mb("VmHWM") - before
 
 
 def build(arch: str, overrides: dict, seed: int) -> nn.Module:
@@ -87,12 +90,6 @@ def finetune_epoch(model: nn.Module, batches: Batches) -> Callable[[], None]:
     return run
 
 
-def seconds(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=1000, help="merge-data size (random CIFAR-shaped images)")
@@ -110,45 +107,48 @@ def main() -> None:
         torch.randint(0, 10, (args.samples,), generator=gen),
     )
     batches = Batches(data, torch.arange(args.samples), INFO, args.batch_size, shuffle=True)
+    one_batch = Batches(data, torch.arange(min(args.batch_size, args.samples)), INFO, args.batch_size)
 
     table = Table(title=f"NP epoch vs fine-tune epoch, CPU ({torch.get_num_threads()} threads), {args.samples} images")
-    for col in ("model", "params", "NP s", "FT s", "NP/FT (median)", "target", "NP peak MB", "FT peak MB"):
+    columns = ("model", "params", "NP s", "FT s", "NP/FT wall", "NP/FT CPU", "target", "NP peak MB", "FT peak MB")
+    for col in columns:
         table.add_column(col, justify="right")
     for label in args.archs:
         arch, overrides = ARCHS[label]
         a, b, ft = build(arch, overrides, 0), build(arch, overrides, 1), build(arch, overrides, 2)
-        run_np, run_ft = np_epoch([a, b], batches), finetune_epoch(ft, batches)
-        run_np(), run_ft()  # warm-up: allocator, kernels
-        np_s, ft_s = [], []
-        for _ in range(args.repeats):
-            np_s.append(seconds(run_np))
-            ft_s.append(seconds(run_ft))
-        ratio = statistics.median(n / f for n, f in zip(np_s, ft_s))
-        np_mb, ft_mb = peak_rss_mb(run_np), peak_rss_mb(run_ft)
-        n_params = sum(p.numel() for p in a.parameters())
+        np_epoch([a, b], one_batch)(), finetune_epoch(ft, one_batch)()  # warm-up: allocator, kernels
+        np_runs, ft_runs = [], []
+        for _ in range(args.repeats):  # alternate, so drifts in machine load hit both alike
+            np_runs.append(measure(np_epoch([a, b], batches)))
+            ft_runs.append(measure(finetune_epoch(ft, batches)))
+        ratio = statistics.median(n[0] / f[0] for n, f in zip(np_runs, ft_runs))
+        cpu_ratio = statistics.median(n[1] / f[1] for n, f in zip(np_runs, ft_runs))
         table.add_row(
             label,
-            f"{n_params / 1e6:.2f}M",
-            f"{statistics.median(np_s):.2f}",
-            f"{statistics.median(ft_s):.2f}",
+            f"{sum(p.numel() for p in a.parameters()) / 1e6:.2f}M",
+            f"{statistics.median(r[0] for r in np_runs):.2f}",
+            f"{statistics.median(r[0] for r in ft_runs):.2f}",
             f"{ratio:.3f}",
+            f"{cpu_ratio:.3f}",
             "≤ 1.15" + (" ✓" if ratio <= 1.15 else " ✗"),
-            f"{np_mb:.0f}",
-            f"{ft_mb:.0f}",
+            f"{max(r[2] for r in np_runs):.0f}",
+            f"{max(r[2] for r in ft_runs):.0f}",
         )
     console.print(table)
 
-    mem = Table(title="NP Merge memory: 4 models jointly (softmax weights) vs pairwise (2 at a time), one epoch")
-    for col in ("model", "joint K=4 peak MB", "pairwise merge peak MB"):
+    mem = Table(title="NP Merge peak memory, one step: 4 models jointly (softmax weights) vs one pairwise merge")
+    for col in ("model", "joint K=4 MB", "pairwise (2 models) MB"):
         mem.add_column(col, justify="right")
     for label in args.archs:
         arch, overrides = ARCHS[label]
         four = [build(arch, overrides, s) for s in range(4)]
-        mem.add_row(
-            label, f"{peak_rss_mb(np_epoch(four, batches)):.0f}", f"{peak_rss_mb(np_epoch(four[:2], batches)):.0f}"
-        )
+        joint, pair = measure(np_epoch(four, one_batch))[2], measure(np_epoch(four[:2], one_batch))[2]
+        mem.add_row(label, f"{joint:.0f}", f"{pair:.0f}")
     console.print(mem)
-    console.print("peak MB = peak resident set above the level before the epoch (/proc VmHWM, reset per measurement)")
+    console.print(
+        "ratios: medians over alternating repeats; CPU = process CPU time (robust to other jobs on the machine); "
+        "peak MB = peak resident set above the level before the run (/proc VmHWM, reset per measurement)"
+    )
 
 
 if __name__ == "__main__":

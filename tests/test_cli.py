@@ -125,7 +125,7 @@ def test_digits_run_writes_rows_and_repeats_hit_the_caches(tmp_path: Path) -> No
     # the same command again: the finished run is a cache hit, nothing is trained or merged
     second = cli([*args, "hydra.run.dir=outputs/again"], tmp_path)
     assert second.returncode == 0, second.stderr
-    assert "cache hit: finished run" in second.stdout and "trained in" not in second.stdout
+    assert "cache hit: run finished before: reusing" in second.stdout and "trained in" not in second.stdout
     again = pd.read_csv(tmp_path / "outputs" / "again" / "results.csv")
     pd.testing.assert_frame_equal(again, df)
 

@@ -4,13 +4,14 @@ round-trip; missing files give one line naming the path; ImageNet-200 is decoded
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from mergebench.data import datasets
+from mergebench.data import datasets, download
 from mergebench.data.datasets import DATASETS, check_available, dataset_names, load_dataset
 from mergebench.data.download import can_download
 from mergebench.errors import DataNotFoundError
@@ -129,3 +130,23 @@ def test_download_without_torchvision_says_how_to_install(tmp_path: Path) -> Non
 def test_every_dataset_has_a_config() -> None:
     conf = Path(__file__).resolve().parents[1] / "conf" / "dataset"
     assert {p.stem for p in conf.glob("*.yaml")} == set(DATASETS.names())
+
+
+def test_download_goes_through_torchvision_into_data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With torchvision present, data.download=true calls its dataset class for both splits, then reads the files."""
+    calls = []
+
+    class FakeCIFAR10:  # stands in for torchvision.datasets.CIFAR10, which writes cifar-10-batches-py/
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append((root, train, download))
+            if not (Path(root) / "cifar-10-batches-py").exists():
+                write_cifar(Path(root), 10, n_train=50, n_test=10)
+
+    monkeypatch.setattr(download, "_torchvision_datasets", lambda: SimpleNamespace(CIFAR10=FakeCIFAR10))
+    root = tmp_path / "fresh"
+    check_available("cifar10", root, download=True)  # the CLI's pre-flight check lets it through
+    _, train, test = load_dataset("cifar10", root, download=True)
+    assert calls == [(str(root), True, True), (str(root), False, True)]
+    assert len(train) == 50 and len(test) == 10
+    load_dataset("cifar10", root, download=True)
+    assert len(calls) == 2  # present now: nothing fetched again

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -19,10 +20,11 @@ from mergebench.cache import ModelCache, file_digest
 from mergebench.results import COLUMNS
 from tests.test_cli import MERGEBENCH
 
-# jobs in order: (seed 0, identity) (seed 0, ste) (seed 1, identity) (seed 1, ste); seed s trains 2 base models
+# jobs in order: (seed 0, identity) (seed 0, ste) (seed 1, identity) (seed 1, ste). Model i of seed s has init seed
+# s + i on the same data, so the sweep needs 3 base models: init seeds 0 and 1 (seed 0), then 2 (seed 1's model B)
 SWEEP = [
     "-m", "seed=0,1", "align=identity,ste", "merge_data.per_class=50",
-    "model.hidden=[64,64]", "train.epochs=30", "train.batch_size=500",
+    "model.hidden=[64,64]", "train.epochs=10", "train.batch_size=500",
 ]  # fmt: skip
 TIMEOUT = 240
 
@@ -31,7 +33,7 @@ class Sweep:
     """The sweep in its own process group, its output collected line by line (kill points watch it)."""
 
     def __init__(self, cwd: Path) -> None:
-        env = {**os.environ, "COLUMNS": "200"}
+        env = {**os.environ, "COLUMNS": "200", "PYTHONUNBUFFERED": "1"}  # killed processes lose no output
         self.proc = subprocess.Popen(
             [MERGEBENCH, *SWEEP], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             start_new_session=True,
@@ -62,6 +64,10 @@ class Sweep:
         return self.output
 
 
+def hits(output: str) -> int:
+    return len(re.findall(r"base \d: cache hit", output))
+
+
 def finished(cwd: Path, num: int) -> bool:
     return any((cwd / "outputs" / "multirun").glob(f"*/*/{num}/results.csv"))
 
@@ -74,12 +80,12 @@ def models(cwd: Path) -> list[Path]:
 def test_killed_sweep_resumes(tmp_path: Path) -> None:
     # 1. kill mid-merge: job 1 loads seed 0's models from the cache (2 hits), then runs STE
     first = Sweep(tmp_path)
-    first.kill_when(lambda: first.output.count("cache hit") == 2, delay=0.5)
+    first.kill_when(lambda: hits(first.output) == 2, delay=0.5)
     assert finished(tmp_path, 0) and not finished(tmp_path, 1), first.output[-3000:]
     assert len(models(tmp_path)) == 2
     time.sleep(1.1)  # a new sweep folder (Hydra names them by the second)
 
-    # 2. kill mid-training: job 2 trains seed 1's first model (its lock exists, its weights not yet)
+    # 2. kill mid-training: job 2 loads init seed 1, trains init seed 2 (its lock exists, its weights not yet)
     second = Sweep(tmp_path)
     locks = tmp_path / "outputs" / "cache" / "models"
     second.kill_when(lambda: len(list(locks.glob("*.lock"))) == 3, delay=0.3)
@@ -87,20 +93,20 @@ def test_killed_sweep_resumes(tmp_path: Path) -> None:
     assert len(models(tmp_path)) == 2, "the kill came after training: lengthen train.epochs"
     time.sleep(1.1)
 
-    # 3. run to the end: jobs 0 and 1 are reused, seed 1's pair is trained (job 2) and loaded (job 3)
+    # 3. run to the end: jobs 0 and 1 are reused, init seed 2 is trained (job 2), then loaded (job 3)
     out = Sweep(tmp_path).finish()
     assert out.count("finished before: reusing") == 2, out[-3000:]
-    assert out.count("trained in") == 2 and out.count("cache hit") == 2, out[-3000:]
+    assert len(re.findall(r"base \d: trained in", out)) == 1 and hits(out) == 3, out[-3000:]
 
     sweeps = sorted((tmp_path / "outputs" / "multirun").glob("*/*"))
     assert len(sweeps) == 3
     rows = pd.concat([pd.read_csv(sweeps[-1] / str(j) / "results.csv") for j in range(4)])
     merged = rows[rows.model_role == "merged"]
-    assert set(zip(merged.seed, merged.align)) == {(s, a) for s in (0, 1) for a in ("identity", "ste")}
+    assert set(zip(merged["seed"], merged["align"])) == {(s, a) for s in (0, 1) for a in ("identity", "ste")}
 
     # nothing torn: every cached model matches its recorded digest and loads; every CSV parses whole
     cache = ModelCache(tmp_path / "outputs" / "cache")
-    assert len(models(tmp_path)) == 4
+    assert len(models(tmp_path)) == 3
     for weights in models(tmp_path):
         meta = json.loads(weights.with_suffix(".json").read_text())
         assert meta["sha256"] == file_digest(weights) and cache.load(weights.stem) is not None

@@ -154,3 +154,19 @@ def test_transform_identity_detection_ignores_dense_maps() -> None:
     assert is_identity({"h0": Transform.permutation(torch.arange(4))})
     assert not is_identity({"h0": Transform.permutation(torch.tensor([1, 0, 2, 3]))})
     assert not is_identity({"h0": Transform.dense(torch.eye(4))})
+
+
+@pytest.mark.parametrize(("arch", "params"), [("resnet20", {"width": 0.25}), ("vgg11", {"width": 0.125, "norm": "bn"})])
+def test_np_pairwise_merges_convolutional_nets(arch: str, params: dict) -> None:
+    def build(seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        return MODELS.get(arch).factory(MODELS.get(arch).params(**params), ModelInput(1, 8, 10)).eval()
+
+    small = digits_context(build, batch_size=100)
+    small.merge = MergeData(fit=small.merge.fit[:200], val=small.merge.val[:60])
+    methods = Methods(
+        component(ALIGNERS, "weight_matching"), component(AGGREGATORS, "np", epochs=1), component(REPAIRS, "reset_bn")
+    )
+    merged = pairwise(StrategyParams(), [build(s) for s in range(3)], methods, small)
+    assert merged.diagnostics["merges"] == 2 and set(merged.artifacts) == {"merge1_np_alpha", "merge2_np_alpha"}
+    assert torch.isfinite(merged.model(next(iter(small.fit_batches()))[0])).all()

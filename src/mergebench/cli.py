@@ -109,7 +109,7 @@ def run_or_resume(run_cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
     commands and resumed sweeps train and merge nothing)."""
     finished = run_cfg.cache_dir / "results" / f"{content_key(run_cfg.raw)}.csv"
     if finished.exists():
-        console.log(f"cache hit: finished run {finished.stem}, reusing its rows ({finished})", highlight=False)
+        console.log(f"cache hit: run finished before: reusing its rows ({finished})", highlight=False)
         text = finished.read_text()
         atomic_write_text(out_dir / "results.csv", text)
         return pd.read_csv(out_dir / "results.csv")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 from collections.abc import Callable
 from importlib import resources
@@ -18,6 +17,7 @@ import pandas as pd
 from rich.table import Table
 
 from mergebench.cache import atomic_write_text
+from mergebench.plots import scenario_param, write_plots
 from mergebench.progress import console
 from mergebench.results import method_sort_key
 
@@ -32,8 +32,7 @@ Cell = Callable[[pd.Series], str | None]
 
 
 def _param(row: pd.Series, key: str) -> str | None:
-    match = re.search(rf"{key}=([^,)]+)", str(row.get("scenario", "")))
-    return match.group(1) if match else None
+    return scenario_param(str(row.get("scenario", "")), key)
 
 
 def _size(row: pd.Series) -> str:
@@ -213,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[red]error:[/] no results.csv under {args.folder}", highlight=False)
         return 1
     layout = LAYOUTS[args.paper] if args.paper else generic_layout(df)
-    stats = build_table(df, layout, paper_values(args.paper) if args.paper else None)
+    paper = paper_values(args.paper) if args.paper else None
+    stats = build_table(df, layout, paper)
     planned = args.seeds or int(stats["count"].max())
     table = wide(stats, planned)
     out_dir = args.out or args.folder / "tables"
@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out_dir / f"{name}.md", markdown(table, layout.title))
     console.print(rich_table(table, layout.title))
     console.print(f"tables: {out_dir}/{name}.csv", highlight=False)
+    for path in write_plots(df, out_dir, paper, args.paper or ""):
+        console.print(f"plot: {path}", highlight=False)
     return 0
 
 

@@ -155,6 +155,7 @@ def run(cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
         writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=merged.diagnostics)
 
         if cfg.curve.points:  # two models (checked with the config): A and B aligned to it, α = A's weight
+            # aligned once more (seeded, so the same alignment): the strategy hands back only the merged model
             model_a, model_b = align_to(models[0][0], [models[1][0]], methods, ctx)[0]
             curve_label = method_label(cfg.align.name, "avg", cfg.repair.name)
             points = []

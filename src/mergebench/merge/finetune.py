@@ -54,7 +54,6 @@ def finetune(start: dict, lr: float, epochs: int, ctx: MergeContext) -> tuple[nn
     losses = adam_epochs(
         net, net.parameters(), seeded_fit_batches(ctx), lr=lr, epochs=epochs, label=f"Finetune lr={lr:g}"
     )
-    net.requires_grad_(False)
     return reset_bn(net, seeded_fit_batches(ctx)).eval(), losses
 
 

@@ -54,7 +54,7 @@ class ParameterBlend:
     """Per-entry weights over K frozen sources, differentiable in their logits only.
 
     Two sources: α = sigmoid(logit), W = α⊙A + (1−α)⊙B as `torch.lerp` (α = 1 gives A exactly, α = 0 gives B
-    exactly, and backward keeps no temporaries beyond α).
+    exactly, and autograd saves no new tensor beyond α).
     K sources: w = softmax over the K logits of each entry, W = Σ_k w_k⊙S_k. Tensors not in `learned` keep their
     initial blend, computed once.
     """
@@ -95,7 +95,8 @@ class ParameterBlend:
         return {n: self.weights(n).detach().clone() for n in self.logits}
 
     def state_bytes(self) -> int:
-        """Bytes the optimisation holds beyond the model: sources, logits, their gradients and Adam's two moments."""
+        """Bytes the optimisation works on: the sources (views of the models for two, a stacked copy for K), the
+        logits, their gradients and Adam's two moments: the part of the memory that grows with K."""
         logits = sum(t.numel() * t.element_size() for t in self.logits.values())
         sources = sum(
             sum(s.numel() * s.element_size() for s in (v if isinstance(v, tuple) else (v,)))
@@ -160,6 +161,7 @@ def aggregate_np(params: NPParams, models: list[nn.Module], ctx: MergeContext) -
         final = blend.params()
         for name, p in net.named_parameters():
             p.copy_(final[name])
+    net.requires_grad_(True)  # a plain model again, as every aggregator returns
     reset_bn(net, seeded_fit_batches(ctx))  # NP resets BN after every merge
     alphas = blend.learned_weights()
     diagnostics = {
