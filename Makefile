@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint bench clean
+.PHONY: setup demo test test-fast lint bench clean slurm-up slurm-down
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ lint: setup
 
 bench: setup
 	for f in scripts/bench_*.py; do $(BIN)/python $$f || exit 1; done
+
+# a one-node SLURM cluster on this machine (root; Debian packages) for the `slurm` tests and trying SLURM sweeps
+slurm-up:
+	scripts/slurm_local.sh start
+
+slurm-down:
+	scripts/slurm_local.sh stop
 
 clean:
 	rm -rf $(VENV) outputs/runs outputs/multirun

@@ -123,6 +123,10 @@ def main() -> None:
             ft_runs.append(measure(finetune_epoch(ft, batches)))
         ratio = statistics.median(n[0] / f[0] for n, f in zip(np_runs, ft_runs))
         cpu_ratio = statistics.median(n[1] / f[1] for n, f in zip(np_runs, ft_runs))
+        console.log(
+            f"{label} NP/FT wall ratios per repeat: "
+            + ", ".join(f"{n[0] / f[0]:.3f}" for n, f in zip(np_runs, ft_runs))
+        )
         table.add_row(
             label,
             f"{sum(p.numel() for p in a.parameters()) / 1e6:.2f}M",

@@ -84,3 +84,78 @@ def test_cli_writes_tables_and_lists_missing_runs(tmp_path: Path, capsys: pytest
     assert (tmp_path / "tables" / "np_table2.md").read_text().startswith("### NP Table II")
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1
+
+
+def test_wide_layout_exactly() -> None:
+    table = wide(build_table(synthetic(), LAYOUTS["np_table2"]), planned=3)
+    expected = pd.DataFrame(
+        {
+            "Dirichlet": ["70.00 ± 0.00 (n=1)", "59.00 ± 1.00", "74.00 ± 1.00"],
+            "80%-20%": ["—", "59.00 ± 1.00", "74.00 ± 1.00"],
+        },
+        index=pd.Index(["Ensemble", "Permute", "NP-P"], name="method"),
+    )
+    pd.testing.assert_frame_equal(table, expected)
+
+
+def test_curve_points_stay_out_of_the_table() -> None:
+    df = synthetic()
+    curve = df[(df.method_label == "Permute") & (df.metric == "top1")].assign(model_role="curve", alpha=0.0, value=0.0)
+    table = wide(build_table(pd.concat([df, curve]), LAYOUTS["np_table2"]), planned=3)
+    assert table.loc["Permute", "Dirichlet"] == "59.00 ± 1.00"
+
+
+def test_np_table4_rows_are_merges_by_aligner() -> None:
+    rows = []
+    for align, label in (("permute", "Permute"), ("weight_matching", "Weight Matching")):
+        for agg, value in (("avg", 50.0), ("np", 60.0), ("finetune", 55.0)):
+            for merge_data in ("union", "union/10pc"):
+                common = dict(seed=0, align=align, agg=agg, merge_data=merge_data)
+                rows.append(row(method_label=label, value=value + (merge_data == "union"), **common))
+                rows.append(row(method_label="Model A", model_role="base_0", value=70.0, **common))
+    table = wide(build_table(pd.DataFrame(rows, columns=COLUMNS), LAYOUTS["np_table4"]), planned=1)
+    assert list(table.index) == ["Permute", "Weight Matching"]
+    assert table.loc["Weight Matching", "train: merging only"] == "51.00 ± 0.00"
+    assert table.loc["Permute", "10: NP"] == "60.00 ± 0.00" and table.loc["Permute", "10: Finetune"] == "55.00 ± 0.00"
+
+
+def test_ym_table2_names_rows_and_columns_as_the_paper() -> None:
+    rows = []
+    for split, scenario, dataset in (
+        ("rotated", "rotated(angle=90.0)", "mnist"),
+        ("cross_dataset", "cross_dataset(others=['fashion_mnist'])", "mnist+fashion_mnist"),
+    ):
+        common = dict(seed=0, split=split, scenario=scenario, dataset=dataset, arch="mlp", width=1.0)
+        rows += [
+            row(method_label="Model A", model_role="base_0", value=55.0, **common),
+            row(method_label="Joint", model_role="joint", value=98.0, **common),
+            row(method_label="Direct averaging", align="identity", agg="avg", value=56.0, **common),
+            row(method_label="Weight Matching", align="weight_matching", agg="avg", value=71.0, **common),
+            row(method_label="STE", align="ste", agg="avg", value=93.0, **common),
+            row(method_label="STE", align="ste", agg="avg", merge_data="union/10pc", value=88.0, **common),
+        ]
+    stats = build_table(pd.DataFrame(rows, columns=COLUMNS), LAYOUTS["ym_table2"], paper_values("ym_table2"))
+    table = wide(stats, planned=1)
+    assert table.loc["Model AB (joint)", "MNIST-RMNIST(90°)"] == "98.00 ± 0.00"
+    assert table.loc["Naïve", "MNIST-FMNIST"] == "56.00 ± 0.00"
+    assert table.loc["STE (Coreset)", "MNIST-RMNIST(90°)"] == "88.00 ± 0.00"
+    assert table.loc["WM", "MNIST-RMNIST(90°) Δ"] == f"{71.0 - 70.92:+.2f}"
+    assert table.loc["ZipIt!", "MNIST-FMNIST"] == "—" and table.loc["ZipIt!", "MNIST-FMNIST paper"] == "58.95"
+    assert list(table.index)[:3] == ["Model A", "Model B", "Model AB (joint)"]
+
+
+def test_our_extra_rows_go_where_the_papers_put_them() -> None:
+    df = pd.DataFrame(
+        [
+            row(seed=0, split="rotated", scenario="rotated(angle=0.0)", method_label=label, model_role=role, value=v)
+            for label, role, v in [
+                ("Weight Matching", "merged", 98.0),
+                ("Model A", "base_0", 99.0),
+                ("Ensemble", "ensemble", 99.0),
+            ]
+        ],
+        columns=COLUMNS,
+    )
+    table = wide(build_table(df, LAYOUTS["ym_table1"], paper_values("ym_table1")), planned=1)
+    assert list(table.index) == ["Model A", "Ensemble", "Weight Matching"]
+    assert table.loc["Ensemble", "0° paper"] == "—"

@@ -161,7 +161,10 @@ def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
     return dict(value)
 
 
-SMOKE_LIMITS = {"train_limit": 1000, "test_limit": 500, "epochs": 1, "width": 1.0, "hidden": 64, "curve": 3}
+# batch_size: small batches give the one smoke epoch ~10 steps, enough to lift the models above chance
+SMOKE_LIMITS = {
+    "train_limit": 1000, "test_limit": 500, "epochs": 1, "batch_size": 100, "width": 1.0, "hidden": 64, "curve": 3,
+}  # fmt: skip
 
 
 def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
@@ -171,6 +174,7 @@ def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
     for key in ("train_limit", "test_limit"):
         data[key] = min(data.get(key) or SMOKE_LIMITS[key], SMOKE_LIMITS[key])
     raw.setdefault("train", {})["epochs"] = min(raw["train"].get("epochs", 1), SMOKE_LIMITS["epochs"])
+    raw["train"]["batch_size"] = min(raw["train"].get("batch_size", 500), SMOKE_LIMITS["batch_size"])
     for section in ("align", "agg"):
         if "epochs" in raw.get(section, {}):
             raw[section]["epochs"] = min(raw[section]["epochs"], SMOKE_LIMITS["epochs"])

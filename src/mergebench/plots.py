@@ -30,6 +30,11 @@ def scenario_param(scenario: str, key: str) -> str | None:
     return match.group(1) if match else None
 
 
+def natural_key(text: str) -> list[float | str]:
+    """Sorts `θ=15°` before `θ=90°` and `width=2` before `width=16`."""
+    return [float(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))]
+
+
 def _mean_std(rows: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     """Mean and std over seeds (a seed's repeated rows, e.g. a base model in every job, count once)."""
     per_seed = rows.groupby([*by, "seed"], sort=False, dropna=False)["value"].mean().reset_index()
@@ -59,7 +64,7 @@ def interpolation_curves(df: pd.DataFrame) -> list[Figure]:
         return []
     rows["setting"] = _setting_label(rows)
     stats = _mean_std(rows, ["setting", "method_label", "metric", "alpha"])
-    settings = list(dict.fromkeys(stats["setting"]))
+    settings = sorted(stats["setting"].unique(), key=natural_key)
     figures = []
     for start in range(0, len(settings), CURVES_PER_FIGURE):
         chunk = settings[start : start + CURVES_PER_FIGURE]

@@ -19,7 +19,7 @@ from rich.table import Table
 from mergebench.cache import atomic_write_text
 from mergebench.plots import scenario_param, write_plots
 from mergebench.progress import console
-from mergebench.results import method_sort_key
+from mergebench.results import METHOD_ORDER, method_sort_key
 
 DATASET_NAMES = {
     "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST", "fashion_mnist": "FMNIST",
@@ -80,8 +80,12 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "np_table4": Layout(
         "NP Table IV (ResNet20×8, CIFAR-100 Dirichlet; merge data per class)",
-        lambda r: f"{_size(r)}: {AGG_KIND.get(r.agg, r.agg)}",
-        row=lambda r: {"weight_matching": "Weight Matching", "permute": "Permute"}.get(r.align),
+        lambda r: f"{_size(r)}: {AGG_KIND.get(r['agg'], r['agg'])}",
+        row=lambda r: (
+            {"weight_matching": "Weight Matching", "permute": "Permute"}.get(r["align"])
+            if r.model_role == "merged"
+            else None
+        ),
     ),
     "np_fig1": Layout(
         "NP Fig. 1 (accuracy vs number of merged models)",
@@ -127,7 +131,9 @@ def paper_values(name: str) -> pd.DataFrame | None:
 
 def build_table(df: pd.DataFrame, layout: Layout, paper: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per method, per column `mean`, `std`, `n` (and `paper`, `delta` when given) — tidy, then pivoted."""
-    rows = df[df.metric.isin(layout.metrics) & (df.subset == "test")].copy()
+    # one evaluated model per row: interpolation-curve points (and their barriers) are the plots' business
+    table_roles = ~df.model_role.isin(["curve", "barrier"])
+    rows = df[df.metric.isin(layout.metrics) & (df.subset == "test") & table_roles].copy()
     rows["row"] = rows.apply(layout.row, axis=1)
     rows["column"] = rows.apply(layout.column, axis=1)
     rows = rows.dropna(subset=["row", "column"])
@@ -145,9 +151,13 @@ def build_table(df: pd.DataFrame, layout: Layout, paper: pd.DataFrame | None = N
 
 
 def _row_order(labels: list[str], paper: pd.DataFrame | None) -> list[str]:
-    paper_rows = list(dict.fromkeys(paper["method"])) if paper is not None else []
-    rest = sorted((lab for lab in labels if lab not in paper_rows), key=method_sort_key)
-    return paper_rows + rest
+    """The paper's rows in its order; each of our other rows goes before the first paper row it precedes in the
+    papers' usual order (Model A, B, references, then merges), else at the end."""
+    order = list(dict.fromkeys(paper["method"])) if paper is not None else []
+    for label in sorted((lab for lab in labels if lab not in order), key=method_sort_key):
+        later = [i for i, p in enumerate(order) if method_sort_key(p) > method_sort_key(label) and p in METHOD_ORDER]
+        order.insert(later[0] if later else len(order), label)
+    return order
 
 
 def wide(stats: pd.DataFrame, planned: int) -> pd.DataFrame:
@@ -180,12 +190,21 @@ def _cell(part: pd.DataFrame, row: str, planned: int) -> str:
 
 
 def rich_table(table: pd.DataFrame, title: str) -> Table:
-    out = Table(title=title)
-    out.add_column("method")
-    for col in table.columns:
+    """The wide table for the terminal; with paper columns, each setting's cell shows ours over `paper (Δ)`."""
+    settings = [c for c in table.columns if not c.endswith((" paper", " Δ"))]
+    has_paper = any(c.endswith(" paper") for c in table.columns)
+    out = Table(title=title, caption="ours (mean ± std over seeds); paper value (ours − paper)" if has_paper else None)
+    out.add_column("method", no_wrap=True)
+    for col in settings:
         out.add_column(col, justify="right")
     for label, values in table.iterrows():
-        out.add_row(str(label), *map(str, values))
+        cells = []
+        for col in settings:
+            cell = str(values[col])
+            if has_paper and values[f"{col} paper"] != "—":
+                cell += f"\n[dim]{values[f'{col} paper']} ({values[f'{col} Δ']})[/]"
+            cells.append(cell)
+        out.add_row(str(label), *cells)
     return out
 
 

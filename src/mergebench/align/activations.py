@@ -59,10 +59,10 @@ def channel_first(output: Tensor) -> Tensor:
 class _GroupAccumulator:
     """Running float64 sums and sums of products of one group's units, A's and B's stacked as one vector.
 
-    Per batch the group's probe outputs of A and B are copied, shifted by the first batch's means (so a large
-    mean does not swamp the variance when the per-batch product runs in the model's dtype), into one
-    [2·width, samples] matrix z, and z·zᵀ — A×A, A×B and B×B in one matmul — is added to the float64
-    accumulator. Memory is O(width²) plus one batch; the shift is undone at the end.
+    Per batch and probe, A's and B's outputs are copied, shifted by the first batch's means (so a large mean does
+    not swamp the variance when the per-batch product runs in the model's dtype), into one [2·width, samples]
+    matrix z, and z·zᵀ — A×A, A×B and B×B in one matmul — is added to the float64 accumulator. Memory is O(width²)
+    plus one probe's batch; the shift is undone at the end.
     """
 
     def __init__(self) -> None:
@@ -75,32 +75,22 @@ class _GroupAccumulator:
 
     def add_batch(self) -> None:
         """Fold the batch's stored probe outputs of A and B (paired by call order) into the sums."""
-        views_a = [channel_first(o) for o in self.outputs_a]
-        views_b = [channel_first(o) for o in self.outputs_b]
+        pairs = [(channel_first(a), channel_first(b)) for a, b in zip(self.outputs_a, self.outputs_b, strict=True)]
         self.outputs_a.clear()
         self.outputs_b.clear()
-        if not views_a:
-            return
-        width = views_a[0].shape[0]
-        samples = [v[0].numel() for v in views_a]
-        if self.shift is None:
-            self.shift = torch.cat([views_a[0].reshape(width, -1).mean(1), views_b[0].reshape(width, -1).mean(1)])
-        z = torch.empty(2 * width, sum(samples), dtype=views_a[0].dtype, device=views_a[0].device)
-        offset = 0
-        for view_a, view_b, n in zip(views_a, views_b, samples):
-            for rows, view, shift in (
-                (slice(0, width), view_a, self.shift[:width]),
-                (slice(width, None), view_b, self.shift[width:]),
-            ):
-                target = z[rows, offset : offset + n].unflatten(1, view.shape[1:])
-                torch.sub(view, shift.view(-1, *(1,) * (view.dim() - 1)), out=target)
-            offset += n
-        if self.sums is None:
-            self.sums = torch.zeros(2 * width, dtype=torch.float64, device=z.device)
-            self.products = torch.zeros(2 * width, 2 * width, dtype=torch.float64, device=z.device)
-        self.count += z.shape[1]
-        self.sums += z.sum(dim=1, dtype=torch.float64)
-        self.products += z @ z.T
+        for view_a, view_b in pairs:
+            width = view_a.shape[0]
+            if self.shift is None:
+                self.shift = torch.cat([view_a.reshape(width, -1).mean(1), view_b.reshape(width, -1).mean(1)])
+                self.sums = torch.zeros(2 * width, dtype=torch.float64, device=view_a.device)
+                self.products = torch.zeros(2 * width, 2 * width, dtype=torch.float64, device=view_a.device)
+            z = torch.empty(2 * width, view_a[0].numel(), dtype=view_a.dtype, device=view_a.device)
+            shift = self.shift.view(-1, *(1,) * (view_a.dim() - 1))
+            torch.sub(view_a, shift[:width], out=z[:width].view(view_a.shape))
+            torch.sub(view_b, shift[width:], out=z[width:].view(view_b.shape))
+            self.count += z.shape[1]
+            self.sums += z.sum(dim=1, dtype=torch.float64)
+            self.products += z @ z.T
 
     def result(self) -> GroupStats:
         assert self.shift is not None and self.sums is not None and self.products is not None, "probes never ran"

@@ -4,7 +4,9 @@ From the streamed covariances of A's and B's probe outputs (every spatial positi
 to both within-model covariances: M = Σ_A^-½ Σ_AB Σ_B^-½ = U S Vᵀ, and the map that takes B's activations
 to A's units through the shared canonical variates is T = Σ_A^½ U Vᵀ Σ_B^-½ (T⁻¹ = Σ_B^½ V Uᵀ Σ_A^-½).
 T goes on B's output axes and T⁻¹ on the consuming input axes. γ is chosen from a log grid by the accuracy
-of the α = 0.5 merge on the selection data (the CCA Merge code chose it on test data; see select_on).
+of the α = 0.5 merge on the selection data (the CCA Merge code chose it on test data; see select_on); the
+candidates are judged after a BatchNorm reset, because a dense map carries BN running variances only
+approximately (see `apply_transforms`) — with BN nets, follow CCA with repair=reset_bn.
 """
 
 from __future__ import annotations
