@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import types
+from collections.abc import Iterator
 from copy import deepcopy
 
 import pytest
@@ -12,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align import ALIGNERS
-from mergebench.align.activations import activation_stats
-from mergebench.align.cca import CCAMaps
+from mergebench.align.activations import activation_stats, evaluate_batches, midpoint
+from mergebench.align.cca import GAMMA_GRID, CCAMaps
 from mergebench.align.permute import correlation_matching
 from mergebench.align.spec import PermutationSpec, Transform, apply_transforms, random_permutations
 from mergebench.align.weight_matching import weight_matching
@@ -26,11 +27,20 @@ from mergebench.registry import to_dataclass
 
 ARCHS = [
     ("mlp", {"hidden": [32, 24, 16]}, 1, 8),
-    ("vgg11", {"width": 0.125}, 3, 32),
-    ("resnet20", {"width": 0.5}, 3, 16),
+    ("vgg11", {"width": 0.125}, 3, 16),
+    ("resnet20", {"width": 0.25}, 3, 16),
     ("resnet18", {"width": 0.125, "stem": "cifar"}, 3, 16),
 ]
 CASES = [(*arch, norm) for arch in ARCHS for norm in (["bn"] if arch[0] == "resnet18" else ["bn", "layernorm", "none"])]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny tensors: one thread avoids paying thread synchronisation on every op (much slower on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def build(name: str, params: dict, channels: int, size: int, norm: str, seed: int = 0) -> nn.Module:
@@ -292,3 +302,20 @@ def test_bad_aligner_parameters_are_one_line_errors() -> None:
         to_dataclass(ALIGNERS.get("cca").params, {"gamma": -1}, "align")
     with pytest.raises(ConfigError, match=r"align\.lr=0.0 must be > 0"):
         to_dataclass(ALIGNERS.get("ste").params, {"lr": 0}, "align")
+
+
+def test_cca_searches_gamma_on_validation_data_of_a_bn_net() -> None:
+    """γ comes from the grid by the merge's accuracy on the validation carve-out, judged after a BN reset."""
+    model_a = build("mlp", {"hidden": [32, 24, 16]}, 1, 8, "bn", seed=2)
+    spec = model_a.permutation_spec()
+    state = model_a.state_dict()
+    model_b = with_state(model_a, apply_transforms(state, spec, random_permutations(spec, state, seed=1)))
+    ctx = fake_context(model_a, 1, 8)
+    entry = ALIGNERS.get("cca")
+    alignment = entry.factory(to_dataclass(entry.params, {}, "align"), model_a, model_b, ctx)
+    diagnostics = alignment.diagnostics
+    assert diagnostics["gamma"] in GAMMA_GRID and diagnostics["gamma_searched"]
+    assert diagnostics["select_on"] == "val"
+    # the merge of A with a perfectly aligned copy of itself is A (statistics reset): the best γ is at least as good
+    reference = evaluate_batches(midpoint(ctx, state, state), ctx.select_batches())
+    assert diagnostics["select_top1"] >= reference["top1"]

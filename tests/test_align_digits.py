@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +29,15 @@ from tests.conftest import SHARED_DATA
 MERGEBENCH = str(Path(sys.executable).parent / "mergebench")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread() -> Iterator[None]:
+    """Tiny tensors: one thread avoids paying thread synchronisation on every op (much slower on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small_mlp(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     entry = MODELS.get("mlp")
@@ -42,7 +52,7 @@ def digit_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.
     for seed, classes in enumerate((train.y < 5, train.y >= 5)):
         model = small_mlp(seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-        for _ in range(15):
+        for _ in range(10):
             for x, y in Batches(train, torch.nonzero(classes).flatten(), info, 100, shuffle=True, seed=seed):
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad()

@@ -139,7 +139,7 @@ def accuracy_vs_angle(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> Fi
     if test["angle"].nunique() < 2:
         return None
     stats = _mean_std(test, ["method_label", "angle"])
-    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    fig = Figure(figsize=(8.4, 4.4), layout="constrained")
     ax = fig.subplots()
     for label in sorted(stats["method_label"].unique(), key=method_sort_key):
         points = stats[stats["method_label"] == label].sort_values("angle")
@@ -157,7 +157,7 @@ def accuracy_vs_angle(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> Fi
     ax.set_ylabel("top-1 accuracy on the mixed test set (%)")
     ax.set_title("Merging MNIST and MNIST rotated by θ (YM Table 1 layout)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves fill the axes
     return fig
 
 

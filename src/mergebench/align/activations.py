@@ -148,13 +148,13 @@ def activation_stats(
 def midpoint(ctx: MergeContext, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> nn.Module:
     """The plain average of two (aligned) states as a model; BatchNorm statistics are reset on the merge data,
     as the pipeline's reset_bn would, so that a candidate is judged as it would be used."""
-    from mergebench.merge.repair import has_batchnorm, reset_bn  # merge imports this module: import on use
+    from mergebench.merge.reset_bn import has_batchnorm, reset_bn, seeded_fit_batches  # merge imports this module
 
     state = {k: 0.5 * (a + state_b[k]) if a.is_floating_point() else a.clone() for k, a in state_a.items()}
     model = ctx.build_model()
     model.load_state_dict(state)
     if has_batchnorm(model):
-        reset_bn(model, ctx.fit_batches(shuffle=True, seed=ctx.seed))
+        reset_bn(model, seeded_fit_batches(ctx))
     return model.eval()
 
 
