@@ -1,13 +1,24 @@
-"""Shared fixtures: the repo's paths and a fake dataset loader for split tests."""
+"""Shared fixtures: the repo's paths, the real-data skip, and one torch thread for the tiny test models."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread() -> Iterator[None]:
+    """Test models are tiny: one intra-op thread avoids paying thread synchronisation on every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import types
-from collections.abc import Iterator
 from copy import deepcopy
 
 import pytest
@@ -32,15 +31,6 @@ ARCHS = [
     ("resnet18", {"width": 0.125, "stem": "cifar"}, 3, 16),
 ]
 CASES = [(*arch, norm) for arch in ARCHS for norm in (["bn"] if arch[0] == "resnet18" else ["bn", "layernorm", "none"])]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids paying thread synchronisation on every op (much slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def build(name: str, params: dict, channels: int, size: int, norm: str, seed: int = 0) -> nn.Module:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -27,15 +26,6 @@ from mergebench.registry import to_dataclass
 from tests.conftest import SHARED_DATA
 
 MERGEBENCH = str(Path(sys.executable).parent / "mergebench")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Tiny tensors: one thread avoids paying thread synchronisation on every op (much slower on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def small_mlp(seed: int) -> nn.Module:

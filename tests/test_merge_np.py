@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -28,15 +27,6 @@ from mergebench.merge.reset_bn import reset_bn
 from mergebench.merge.strategies import Methods, all_to_one
 from mergebench.models import MODELS, ModelInput
 from tests.digits_pair import DigitsPair, digits_context, digits_models
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is faster, and much faster on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mlp(norm: str = "none", seed: int = 0) -> nn.Module:

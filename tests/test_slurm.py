@@ -28,7 +28,8 @@ def idle_node() -> str | None:
     return None if {"idle", "mix"} & set(states) else f"no idle SLURM node (sinfo states: {states or 'none'})"
 
 
-pytestmark = [pytest.mark.slurm, pytest.mark.skipif(idle_node() is not None, reason=str(idle_node()))]
+SKIP_REASON = idle_node()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(SKIP_REASON is not None, reason=str(SKIP_REASON))]
 
 
 def test_slurm_sweep_trains_each_base_model_once(tmp_path: Path) -> None:

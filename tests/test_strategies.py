@@ -3,7 +3,6 @@ aggregator × strategy combination runs."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -20,14 +19,6 @@ from mergebench.merge.avg import AvgParams, aggregate_avg
 from mergebench.merge.strategies import Methods, StrategyParams, all_to_one, merge_many, pairwise
 from mergebench.models import MODELS, ModelInput
 from tests.digits_pair import digits_context
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def mlp(seed: int = 0, norm: str = "none") -> nn.Module:
