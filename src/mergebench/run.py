@@ -155,8 +155,9 @@ def run(cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
         writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=merged.diagnostics)
 
         if cfg.curve.points:  # two models (checked with the config): A and B aligned to it, α = A's weight
-            # aligned once more (seeded, so the same alignment): the strategy hands back only the merged model
-            model_a, model_b = align_to(models[0][0], [models[1][0]], methods, ctx)[0]
+            # reuse the strategy's alignment where A stayed the reference (all_to_one); else align B to A here
+            kept_a = len(merged.sources) == 2 and merged.sources[0] is models[0][0]
+            model_a, model_b = merged.sources if kept_a else align_to(models[0][0], [models[1][0]], methods, ctx)[0]
             curve_label = method_label(cfg.align.name, "avg", cfg.repair.name)
             points = []
             for alpha, model in interpolation_curve(model_a, model_b, cfg.curve.points, cfg.repair, ctx):

@@ -17,12 +17,16 @@ from mergebench.registry import Registry
 @dataclasses.dataclass
 class Merged:
     """The merged model, the weight each source had in it (REPAIR's goals use them), diagnostics for the results
-    row, and tensors worth keeping beside it (e.g. NP Merge's learned α), one .pt file per artifact name."""
+    row, and tensors worth keeping beside it (e.g. NP Merge's learned α), one .pt file per artifact name.
+
+    `sources` are the aligned models of the last aggregation, so the interpolation curve reuses the alignment.
+    """
 
     model: nn.Module
     weights: list[float]
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
     artifacts: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
+    sources: list[nn.Module] = dataclasses.field(default_factory=list)
 
     def save_artifacts(self, folder: Path) -> list[Path]:
         """Write every artifact to `folder/<name>.pt` atomically; returns the paths written."""

@@ -92,6 +92,7 @@ def aggregate_and_repair(models: list[nn.Module], methods: Methods, ctx: MergeCo
     start = time.perf_counter()
     merged.model = methods.repair.factory(methods.repair.params, merged.model, models, merged.weights, ctx)
     merged.diagnostics["repair_s"] = time.perf_counter() - start
+    merged.sources = models
     return merged
 
 
