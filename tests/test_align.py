@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from mergebench.align import ALIGNERS
 from mergebench.align.activations import activation_stats, evaluate_batches, midpoint
-from mergebench.align.cca import GAMMA_GRID, CCAMaps
+from mergebench.align.cca import CCAMaps, CCAParams
 from mergebench.align.permute import correlation_matching
 from mergebench.align.spec import PermutationSpec, Transform, apply_transforms, random_permutations
 from mergebench.align.weight_matching import weight_matching
@@ -304,7 +304,7 @@ def test_cca_searches_gamma_on_validation_data_of_a_bn_net() -> None:
     entry = ALIGNERS.get("cca")
     alignment = entry.factory(to_dataclass(entry.params, {}, "align"), model_a, model_b, ctx)
     diagnostics = alignment.diagnostics
-    assert diagnostics["gamma"] in GAMMA_GRID and diagnostics["gamma_searched"]
+    assert diagnostics["gamma"] in CCAParams().gamma_grid and diagnostics["gamma_searched"]
     assert diagnostics["select_on"] == "val"
     # the merge of A with a perfectly aligned copy of itself is A (statistics reset): the best γ is at least as good
     reference = evaluate_batches(midpoint(ctx, state, state), ctx.select_batches())

@@ -73,9 +73,11 @@ def test_every_job_of_every_preset_validates(name: str) -> None:
 
 
 # Smoke runs cover every method of a preset on one setting; the sweep dimension we cut is named here (every one
-# of its values is still composed and validated above). Budget: ~60 smoke runs for the whole `slow` set.
+# of its values is still composed and validated above). Budget: ~50 smoke runs for the whole `slow` set.
 SMOKE_SUBSET = {
-    "np_table2": ["data=dirichlet"],
+    # all 8 methods run in both np_table1 presets (VGG without BN, ResNet with BN); the bigger nets run 3 of them
+    "np_table2": ["data=dirichlet", "method=direct,weight_matching,np_p"],
+    "np_table3": ["method=direct,permute,np_wm"],  # ResNet18 on 64×64 ImageNet-200 files, top-1 and top-5
     "np_table4": ["merge_data.per_class=1"],  # the smallest merge set: 1 example per class
     # 8 models: pairwise NP (7 merges) vs all-to-one; CCA (minutes for 7 maps on a CPU) runs in the np_table* presets
     "np_fig1": ["data=dirichlet", "data.num_models=8", "method=np_p_pairwise,permute"],

@@ -163,7 +163,7 @@ def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
 
 # batch_size: small batches give the one smoke epoch ~10 steps, enough to lift the models above chance
 SMOKE_LIMITS = {
-    "train_limit": 1000, "test_limit": 500, "epochs": 1, "batch_size": 100, "width": 1.0, "hidden": 64, "curve": 3,
+    "train_limit": 1000, "test_limit": 500, "epochs": 1, "batch_size": 100, "width": 0.25, "hidden": 64, "curve": 3,
 }  # fmt: skip
 
 
@@ -183,6 +183,8 @@ def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
         model["width"] = min(float(model["width"]), SMOKE_LIMITS["width"])
     if "hidden" in model:
         model["hidden"] = [min(h, SMOKE_LIMITS["hidden"]) for h in model["hidden"]]
+    if "gamma_grid" in raw.get("align", {}):  # CCA's γ search: every fourth value of the grid (1e-6, 1e-2, …)
+        raw["align"]["gamma_grid"] = raw["align"]["gamma_grid"][::4]
     curve = raw.setdefault("curve", {})
     if curve.get("points", 0) > SMOKE_LIMITS["curve"]:
         curve["points"] = SMOKE_LIMITS["curve"]

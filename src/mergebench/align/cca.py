@@ -27,17 +27,18 @@ from mergebench.errors import ConfigError
 if TYPE_CHECKING:  # the context imports align.spec, and so this package
     from mergebench.context import MergeContext
 
-GAMMA_GRID = tuple(10.0**e for e in range(-6, 8))
-
 
 @dataclasses.dataclass
 class CCAParams:
     gamma: float | None = None
+    gamma_grid: list[float] = dataclasses.field(default_factory=lambda: [10.0**e for e in range(-6, 8)])
     batch_size: int | None = None
 
     def check(self) -> None:
         if self.gamma is not None and self.gamma <= 0:
             raise ConfigError(f"gamma={self.gamma} must be > 0, or null (search the grid)")
+        if not self.gamma_grid or min(self.gamma_grid) <= 0:
+            raise ConfigError(f"gamma_grid={self.gamma_grid} must be a non-empty list of values > 0")
         if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"batch_size={self.batch_size} must be a positive integer or null (eval batch size)")
 
@@ -93,7 +94,7 @@ def align_cca(params: CCAParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
         diagnostics = {"gamma": params.gamma, "gamma_searched": False, "mean_corr": mean_corr}
     else:
         best: tuple[tuple[float, float], float, dict[str, Transform], float, dict[str, float]] | None = None
-        for gamma in GAMMA_GRID:
+        for gamma in params.gamma_grid:
             candidate, mean_corr = maps.transforms(gamma)
             result = _score(ctx, ref, other, candidate)
             # accuracy first, then loss; a map that blows the merge up (non-finite loss) never wins
