@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from pathlib import Path
 
 import torch
 
-from mergebench.cache import ModelCache
+from mergebench.cache import ModelCache, atomic_write_text
 
 
 def _state(value: float) -> dict[str, torch.Tensor]:
@@ -66,3 +67,15 @@ def test_concurrent_processes_train_once(tmp_path: Path) -> None:
         assert p.exitcode == 0
     assert len(list(tmp_path.glob("mark.*"))) == 1
     assert not list((tmp_path / "cache" / "models").glob("*.tmp"))
+
+
+def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
+    """Results written for a team must be readable by it: not mkstemp's private 0600."""
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "results.csv", "a,b\n1,2\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "results.csv").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "results.csv").read_text() == "a,b\n1,2\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]

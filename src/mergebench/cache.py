@@ -39,10 +39,16 @@ def file_digest(path: Path) -> str:
 
 
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through `write(fileobj)` into a temp file in the same folder, fsync, then rename into place."""
+    """Write through `write(fileobj)` into a temp file in the same folder, fsync, then rename into place.
+
+    The file gets the usual umask permissions (mkstemp's 0600 would hide results from the rest of a group).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
     try:
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
