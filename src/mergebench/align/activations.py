@@ -10,6 +10,7 @@ permutation) on the selection data.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,9 @@ class GroupStats:
         return self.cov_ab / (torch.outer(self.std_a, self.std_b) + eps)
 
 
+STATS_CHUNK = 100  # samples per forward in the statistics pass: A's probe outputs wait for B's, so keep them small
+
+
 def channel_first(output: Tensor) -> Tensor:
     """A probe's output [N, C, *spatial] (or [N, C]) as a [C, N, *spatial] view: units first, then samples."""
     return output.detach().movedim(1, 0)
@@ -62,35 +66,31 @@ class _GroupAccumulator:
     Per batch and probe, A's and B's outputs are copied, shifted by the first batch's means (so a large mean does
     not swamp the variance when the per-batch product runs in the model's dtype), into one [2·width, samples]
     matrix z, and z·zᵀ — A×A, A×B and B×B in one matmul — is added to the float64 accumulator. Memory is O(width²)
-    plus one probe's batch; the shift is undone at the end.
+    plus A's probe outputs of one chunk of samples; the shift is undone at the end.
     """
 
     def __init__(self) -> None:
-        self.outputs_a: list[Tensor] = []
-        self.outputs_b: list[Tensor] = []
+        self.outputs_a: deque[Tensor] = deque()
         self.count = 0
         self.shift: Tensor | None = None
         self.sums: Tensor | None = None
         self.products: Tensor | None = None
 
-    def add_batch(self) -> None:
-        """Fold the batch's stored probe outputs of A and B (paired by call order) into the sums."""
-        pairs = [(channel_first(a), channel_first(b)) for a, b in zip(self.outputs_a, self.outputs_b, strict=True)]
-        self.outputs_a.clear()
-        self.outputs_b.clear()
-        for view_a, view_b in pairs:
-            width = view_a.shape[0]
-            if self.shift is None:
-                self.shift = torch.cat([view_a.reshape(width, -1).mean(1), view_b.reshape(width, -1).mean(1)])
-                self.sums = torch.zeros(2 * width, dtype=torch.float64, device=view_a.device)
-                self.products = torch.zeros(2 * width, 2 * width, dtype=torch.float64, device=view_a.device)
-            z = torch.empty(2 * width, view_a[0].numel(), dtype=view_a.dtype, device=view_a.device)
-            shift = self.shift.view(-1, *(1,) * (view_a.dim() - 1))
-            torch.sub(view_a, shift[:width], out=z[:width].view(view_a.shape))
-            torch.sub(view_b, shift[width:], out=z[width:].view(view_b.shape))
-            self.count += z.shape[1]
-            self.sums += z.sum(dim=1, dtype=torch.float64)
-            self.products += z @ z.T
+    def add_b(self, output_b: Tensor) -> None:
+        """Fold B's probe output, with A's output of the same probe call (A ran first), into the sums at once."""
+        view_a, view_b = channel_first(self.outputs_a.popleft()), channel_first(output_b)
+        width = view_a.shape[0]
+        if self.shift is None:
+            self.shift = torch.cat([view_a.reshape(width, -1).mean(1), view_b.reshape(width, -1).mean(1)])
+            self.sums = torch.zeros(2 * width, dtype=torch.float64, device=view_a.device)
+            self.products = torch.zeros(2 * width, 2 * width, dtype=torch.float64, device=view_a.device)
+        z = torch.empty(2 * width, view_a[0].numel(), dtype=view_a.dtype, device=view_a.device)
+        shift = self.shift.view(-1, *(1,) * (view_a.dim() - 1))
+        torch.sub(view_a, shift[:width], out=z[:width].view(view_a.shape))
+        torch.sub(view_b, shift[width:], out=z[width:].view(view_b.shape))
+        self.count += z.shape[1]
+        self.sums += z.sum(dim=1, dtype=torch.float64)
+        self.products += z @ z.T
 
     def result(self) -> GroupStats:
         assert self.shift is not None and self.sums is not None and self.products is not None, "probes never ran"
@@ -127,16 +127,15 @@ def activation_stats(
     for group, acc in accumulators.items():
         for probe in spec.probes[group]:
             handles.append(modules_a[probe].register_forward_hook(lambda m, i, out, s=acc.outputs_a: s.append(out)))
-            handles.append(modules_b[probe].register_forward_hook(lambda m, i, out, s=acc.outputs_b: s.append(out)))
+            handles.append(modules_b[probe].register_forward_hook(lambda m, i, out, a=acc: a.add_b(out)))
     modes = model_a.training, model_b.training
     model_a.eval()
     model_b.eval()
     try:
         for x, _ in batches:
-            model_a(x)
-            model_b(x)
-            for acc in accumulators.values():
-                acc.add_batch()
+            for chunk in x.split(STATS_CHUNK):  # eval mode: per-sample, so chunking changes nothing but memory
+                model_a(chunk)
+                model_b(chunk)
     finally:
         for handle in handles:
             handle.remove()
