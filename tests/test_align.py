@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align import ALIGNERS
-from mergebench.align.activations import activation_stats, evaluate_batches, midpoint
+from mergebench.align.activations import activation_stats, midpoint
 from mergebench.align.cca import CCAMaps, CCAParams
 from mergebench.align.permute import correlation_matching
 from mergebench.align.spec import PermutationSpec, Transform, apply_transforms, random_permutations
@@ -20,6 +20,7 @@ from mergebench.align.weight_matching import weight_matching
 from mergebench.context import MergeContext
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.merge_data import MergeData
+from mergebench.evaluate import evaluate_batches
 from mergebench.merge.strategies import Methods, align_to
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass

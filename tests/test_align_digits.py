@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench.align import ALIGNERS
-from mergebench.align.activations import evaluate_batches, midpoint
+from mergebench.align.activations import midpoint
 from mergebench.align.spec import apply_transforms
 from mergebench.context import MergeContext
 from mergebench.data.datasets import load_dataset
 from mergebench.data.loader import Batches
 from mergebench.data.merge_data import MergeData
+from mergebench.evaluate import evaluate_batches
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
 from tests.conftest import SHARED_DATA

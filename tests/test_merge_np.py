@@ -13,12 +13,12 @@ from torch import nn
 from torch.func import functional_call
 
 from mergebench.align import ALIGNERS
-from mergebench.align.activations import evaluate_batches
 from mergebench.align.spec import apply_transforms, random_permutations
 from mergebench.cli import CONF_DIR
 from mergebench.config import Component, validate
 from mergebench.data.loader import Batches
 from mergebench.errors import ConfigError
+from mergebench.evaluate import evaluate_batches
 from mergebench.merge import AGGREGATORS, REPAIRS
 from mergebench.merge.avg import AvgParams, aggregate_avg
 from mergebench.merge.finetune import FinetuneParams, aggregate_finetune

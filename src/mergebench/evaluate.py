@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -11,11 +13,26 @@ from mergebench.data.loader import Batches
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: ImageData, indices: Tensor, info: DatasetInfo, batch_size: int) -> Tensor:
-    """Eval-mode logits (float32, on CPU) for `indices` of `data`, in order."""
+def logits_and_labels(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> tuple[list[Tensor], list[Tensor]]:
+    """Eval-mode logits (float32, on CPU) and labels of every batch, in order."""
     model.eval()
-    out = [model(x).float().cpu() for x, _ in Batches(data, indices, info, batch_size)]
+    logits, labels = [], []
+    for x, y in batches:
+        logits.append(model(x).float().cpu())
+        labels.append(y.cpu())
+    return logits, labels
+
+
+def predict(model: nn.Module, data: ImageData, indices: Tensor, info: DatasetInfo, batch_size: int) -> Tensor:
+    """Eval-mode logits for `indices` of `data`, in order."""
+    out, _ = logits_and_labels(model, Batches(data, indices, info, batch_size))
     return torch.cat(out) if out else torch.empty(0, info.num_classes)
+
+
+def evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
+    """Eval-mode top-1, top-5 and mean cross-entropy over `batches` (where merge methods select or score)."""
+    logits, labels = logits_and_labels(model, batches)
+    return metrics(torch.cat(logits), torch.cat(labels))
 
 
 def metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:

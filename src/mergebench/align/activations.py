@@ -3,8 +3,8 @@
 `activation_stats` runs model A and model B side by side over the batches once, with forward hooks on every
 group's probe modules, and streams per-group means, covariances and the A×B cross-covariance into float64
 accumulators of size width² — activations are never kept beyond the batch that produced them.
-`midpoint` and `evaluate_batches` score a candidate merge where an aligner selects something (CCA's γ, STE's
-permutation) on the selection data.
+`midpoint` builds the candidate merge that an aligner scores (with `evaluate.evaluate_batches`) on the selection
+data where it selects something (CCA's γ, STE's permutation).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align.spec import PermutationSpec
-from mergebench.evaluate import metrics
 
 if TYPE_CHECKING:  # the context imports align.spec, and so this package
     from mergebench.context import MergeContext
@@ -147,22 +146,11 @@ def activation_stats(
 def midpoint(ctx: MergeContext, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> nn.Module:
     """The plain average of two (aligned) states as a model; BatchNorm statistics are reset on the merge data,
     as the pipeline's reset_bn would, so that a candidate is judged as it would be used."""
-    from mergebench.merge.reset_bn import has_batchnorm, reset_bn, seeded_fit_batches  # merge imports this module
+    from mergebench.merge.avg import weighted_average  # merge imports this module
+    from mergebench.merge.reset_bn import has_batchnorm, reset_bn, seeded_fit_batches
 
-    state = {k: 0.5 * (a + state_b[k]) if a.is_floating_point() else a.clone() for k, a in state_a.items()}
     model = ctx.build_model()
-    model.load_state_dict(state)
+    model.load_state_dict(weighted_average([state_a, state_b], [0.5, 0.5]))
     if has_batchnorm(model):
         reset_bn(model, seeded_fit_batches(ctx))
     return model.eval()
-
-
-@torch.no_grad()
-def evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]) -> dict[str, float]:
-    """Eval-mode top-1, top-5 and mean cross-entropy over `batches`."""
-    model.eval()
-    logits, labels = [], []
-    for x, y in batches:
-        logits.append(model(x).float().cpu())
-        labels.append(y.cpu())
-    return metrics(torch.cat(logits), torch.cat(labels))

@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from mergebench.align.activations import GroupStats, activation_stats, evaluate_batches, midpoint
+from mergebench.align.activations import GroupStats, activation_stats, midpoint
 from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.align.spec import Transform, apply_transforms
 from mergebench.errors import ConfigError
+from mergebench.evaluate import evaluate_batches
 
 if TYPE_CHECKING:  # the context imports align.spec, and so this package
     from mergebench.context import MergeContext

@@ -18,11 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mergebench.align.activations import evaluate_batches, midpoint
+from mergebench.align.activations import midpoint
 from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.align.spec import Transform, apply_transforms
 from mergebench.align.weight_matching import mix_seeds, weight_matching
 from mergebench.errors import ConfigError
+from mergebench.evaluate import evaluate_batches
 from mergebench.progress import progress_bar
 
 if TYPE_CHECKING:  # the context imports align.spec, and so this package

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -27,8 +28,12 @@ class AvgParams:
 
 
 def weighted_state(models: list[nn.Module], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Σ_k w_k · state_k for every float tensor (buffers too); integer buffers are taken from model 0."""
-    states = [m.state_dict() for m in models]
+    """Σ_k w_k · state_k of the models' state dicts (see `weighted_average`)."""
+    return weighted_average([m.state_dict() for m in models], weights)
+
+
+def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Σ_k w_k · state_k for every float tensor (buffers too); integer buffers are taken from state 0."""
     out = {}
     for key, ref in states[0].items():
         if ref.is_floating_point():

@@ -12,9 +12,9 @@ from typing import Any
 
 from torch import nn
 
-from mergebench.align.activations import evaluate_batches
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
+from mergebench.evaluate import evaluate_batches
 from mergebench.merge.avg import weighted_state
 from mergebench.merge.loop import adam_epochs
 from mergebench.merge.registry import AGGREGATORS, Merged
