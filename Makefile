@@ -31,8 +31,11 @@ lint: setup
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
 
+# every scripts/bench_*.py but the record comparer; each writes outputs/bench/<name>.json
 bench: setup
-	for f in scripts/bench_*.py; do $(BIN)/python $$f || exit 1; done
+	for f in $(filter-out scripts/bench_compare.py,$(sort $(wildcard scripts/bench_*.py))); do \
+		$(BIN)/python $$f || exit 1; done
+	@echo "records in outputs/bench/; compare two with: $(BIN)/python scripts/bench_compare.py OLD.json NEW.json"
 
 # a one-node SLURM cluster on this machine (root; Debian packages) for the `slurm` tests and trying SLURM sweeps
 slurm-up:

@@ -12,18 +12,19 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align import ALIGNERS
-from mergebench.align.activations import activation_stats, midpoint
+from mergebench.align.activations import activation_stats
 from mergebench.align.cca import CCAMaps, CCAParams
 from mergebench.align.permute import correlation_matching
-from mergebench.align.spec import PermutationSpec, Transform, apply_transforms, random_permutations
 from mergebench.align.weight_matching import weight_matching
 from mergebench.context import MergeContext
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.merge_data import MergeData
 from mergebench.evaluate import evaluate_batches
+from mergebench.merge.avg import mean_model
 from mergebench.merge.strategies import Methods, align_to
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
+from mergebench.spec import PermutationSpec, Transform, apply_transforms, random_permutations
 
 ARCHS = [
     ("mlp", {"hidden": [32, 24, 16]}, 1, 8),
@@ -295,6 +296,22 @@ def test_bad_aligner_parameters_are_one_line_errors() -> None:
         to_dataclass(ALIGNERS.get("ste").params, {"lr": 0}, "align")
 
 
+def test_smoke_shrinks_the_cca_gamma_grid_through_its_params_class() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from mergebench.cli import CONF_DIR
+    from mergebench.config import validate
+
+    def gamma_grid(*overrides: str) -> list[float]:
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            return validate(compose("config", overrides=["align=cca", *overrides])).align.params.gamma_grid
+
+    full = gamma_grid()
+    assert full == CCAParams().gamma_grid
+    assert gamma_grid("smoke=true") == full[::4] == [1e-6, 1e-2, 1e2, 1e6]
+    assert CCAParams.smoke({"name": "cca", "gamma": 0.1}) == {"name": "cca", "gamma": 0.1}
+
+
 def test_cca_searches_gamma_on_validation_data_of_a_bn_net() -> None:
     """γ comes from the grid by the merge's accuracy on the validation carve-out, judged after a BN reset."""
     model_a = build("mlp", {"hidden": [32, 24, 16]}, 1, 8, "bn", seed=2)
@@ -308,5 +325,5 @@ def test_cca_searches_gamma_on_validation_data_of_a_bn_net() -> None:
     assert diagnostics["gamma"] in CCAParams().gamma_grid and diagnostics["gamma_searched"]
     assert diagnostics["select_on"] == "val"
     # the merge of A with a perfectly aligned copy of itself is A (statistics reset): the best γ is at least as good
-    reference = evaluate_batches(midpoint(ctx, state, state), ctx.select_batches())
+    reference = evaluate_batches(mean_model([state, state], ctx), ctx.select_batches())
     assert diagnostics["select_top1"] >= reference["top1"]

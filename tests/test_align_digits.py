@@ -15,15 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergebench.align import ALIGNERS
-from mergebench.align.activations import midpoint
-from mergebench.align.spec import apply_transforms
 from mergebench.context import MergeContext
 from mergebench.data.datasets import load_dataset
 from mergebench.data.loader import Batches
 from mergebench.data.merge_data import MergeData
 from mergebench.evaluate import evaluate_batches
+from mergebench.merge.avg import mean_model
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
+from mergebench.spec import apply_transforms
 from tests.conftest import SHARED_DATA
 
 MERGEBENCH = str(Path(sys.executable).parent / "mergebench")
@@ -70,7 +70,7 @@ def merge_data_loss(model_a: nn.Module, model_b: nn.Module, ctx: MergeContext, a
     entry = ALIGNERS.get(aligner)
     alignment = entry.factory(to_dataclass(entry.params, params, "align"), model_a, model_b, ctx)
     aligned = apply_transforms(model_b.state_dict(), ctx.spec, alignment.transforms)
-    merged = midpoint(ctx, model_a.state_dict(), aligned)
+    merged = mean_model([model_a.state_dict(), aligned], ctx)
     return {**evaluate_batches(merged, ctx.fit_batches(batch_size=1000)), **alignment.diagnostics}
 
 

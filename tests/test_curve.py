@@ -89,7 +89,7 @@ def test_run_writes_curve_rows_whose_endpoints_are_the_base_models(tmp_path: Pat
         "name": "t",
         "device": "cpu",
         "cache_dir": str(tmp_path / "cache"),
-        "data": {"split": "split_classes", "dataset": {"name": "digits"}},
+        "data": {"name": "split_classes", "dataset": {"name": "digits"}},
         "model": {"name": "mlp", "hidden": [32, 32]},
         "train": {"epochs": 3, "batch_size": 256, "optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0,
                   "warmup_epochs": 0.0, "schedule": "constant", "amp": False},

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from mergebench.data.datasets import DatasetInfo, ImageData
+from mergebench.data.datasets import DatasetInfo, ImageData, with_normalize
 from mergebench.data.loader import CROP_PADDING, Batches, random_crop_flip
+from mergebench.errors import ConfigError
 
 INFO = DatasetInfo("fake", 10, 3, 8, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), True)
 
@@ -43,6 +45,19 @@ def test_normalisation_uses_the_dataset_mean_and_std() -> None:
     std = torch.tensor(INFO.std).view(1, 3, 1, 1)
     torch.testing.assert_close(x, (d.x.float() / 255 - mean) / std)
     assert torch.equal(y, d.y) and x.dtype == torch.float32
+
+
+def test_unit_normalisation_is_x_over_255_and_standard_is_not() -> None:
+    """dataset.normalize=unit feeds x/255 (Git Re-Basin, YM): inputs in [0, 1] with the raw mean, not ~0-centred."""
+    d = data()
+    unit, _ = epoch(Batches(d, torch.arange(50), with_normalize(INFO, "unit"), batch_size=16))
+    torch.testing.assert_close(unit, d.x.float() / 255)
+    assert unit.min() >= 0 and unit.max() <= 1 and abs(unit.mean().item() - 0.5) < 0.05
+    standard, _ = epoch(Batches(d, torch.arange(50), with_normalize(INFO, "standard"), batch_size=16))
+    assert standard.min() < 0 and not torch.allclose(standard, unit)
+    assert with_normalize(INFO, "unit").input_stats() == ((0.0,) * 3, (1.0,) * 3)
+    with pytest.raises(ConfigError, match="normalize"):
+        with_normalize(INFO, "minmax")
 
 
 def _is_crop_flip(out: torch.Tensor, image: torch.Tensor) -> bool:

@@ -13,7 +13,6 @@ from torch import nn
 from torch.func import functional_call
 
 from mergebench.align import ALIGNERS
-from mergebench.align.spec import apply_transforms, random_permutations
 from mergebench.cli import CONF_DIR
 from mergebench.config import Component, validate
 from mergebench.data.loader import Batches
@@ -26,6 +25,7 @@ from mergebench.merge.np_merge import NPParams, ParameterBlend, aggregate_np
 from mergebench.merge.reset_bn import reset_bn
 from mergebench.merge.strategies import Methods, all_to_one
 from mergebench.models import MODELS, ModelInput
+from mergebench.spec import apply_transforms, random_permutations
 from tests.digits_pair import DigitsPair, digits_context, digits_models
 
 
@@ -116,7 +116,7 @@ def test_np_beats_every_scalar_alpha_when_each_model_knows_half_the_features() -
         a.fc.weight.copy_(torch.cat([teacher[:, :4], noise[:, 4:]], 1))
         b.fc.weight.copy_(torch.cat([noise[:, :4], teacher[:, 4:]], 1))
     batches = [(x[i : i + 200], y[i : i + 200]) for i in range(0, 2000, 200)]
-    ctx = SimpleNamespace(build_model=Linear2, fit_batches=lambda **_: batches, device=torch.device("cpu"), seed=0)
+    ctx = SimpleNamespace(build_model=Linear2, seeded_fit_batches=lambda: batches, device=torch.device("cpu"))
     merged = aggregate_np(NPParams(epochs=30, lr=0.05), [a, b], ctx).model
 
     def loss(weight: torch.Tensor) -> float:
@@ -184,19 +184,31 @@ def test_np_with_three_models_learns_simplex_weights_from_equal_start() -> None:
     assert merged.diagnostics["np_state_mb"] > 0
 
 
-def test_np_and_finetune_leave_freshly_reset_batchnorm_statistics() -> None:
+@pytest.mark.parametrize(
+    ("agg", "params"), [("np", NPParams(epochs=1)), ("finetune", FinetuneParams(epochs=1, lr=1e-3))]
+)
+def test_batchnorm_statistics_are_reset_by_the_repair_not_the_aggregator(agg: str, params: object) -> None:
     a, b = mlp("bn", 0), mlp("bn", 1)
     ctx = digits_context(lambda: mlp("bn"))
-    for merged in (
-        aggregate_np(NPParams(epochs=1), [a, b], ctx).model,
-        aggregate_finetune(FinetuneParams(epochs=1, lr=1e-3), [a, b], ctx).model,
-    ):
-        reference = mlp("bn")
-        reference.load_state_dict(merged.state_dict())
-        reset_bn(reference, ctx.fit_batches(shuffle=True, seed=ctx.seed))
-        torch.testing.assert_close(merged.norms[0].running_mean, reference.norms[0].running_mean)
-        torch.testing.assert_close(merged.norms[1].running_var, reference.norms[1].running_var)
-        assert not merged.training
+
+    def merged(repair: str) -> nn.Module:
+        chosen = Component(agg, AGGREGATORS.get(agg).factory, params)
+        return all_to_one(
+            None, [a, b], Methods(component(ALIGNERS, "identity"), chosen, component(REPAIRS, repair)), ctx
+        ).model
+
+    kept, repaired = merged("none"), merged("reset_bn")
+    fresh = mlp("bn")
+    fresh.load_state_dict(kept.state_dict())
+    reset_bn(fresh, ctx.seeded_fit_batches())
+    torch.testing.assert_close(kept.layers[0].weight, repaired.layers[0].weight)  # the same merge either way
+    # repair=reset_bn: the statistics of a fresh reset on the merge data (what NP's presets ask for)
+    torch.testing.assert_close(repaired.norms[0].running_mean, fresh.norms[0].running_mean)
+    torch.testing.assert_close(repaired.norms[1].running_var, fresh.norms[1].running_var)
+    # repair=none: the statistics the aggregator's training left (running averages), not a reset
+    assert not torch.allclose(kept.norms[0].running_mean, fresh.norms[0].running_mean, atol=1e-4)
+    assert not torch.allclose(kept.norms[1].running_var, fresh.norms[1].running_var, atol=1e-4)
+    assert not kept.training and not repaired.training
 
 
 def merge_data_loss(model: nn.Module, pair: DigitsPair) -> float:
@@ -238,7 +250,7 @@ def test_bad_aggregator_settings_fail_with_one_line(overrides: list[str], messag
 
 
 def test_scalar_settings_are_fine_when_merging_two_at_a_time() -> None:
-    cfg = compose_validate("agg=avg", "agg.alpha=0.3", "data.num_models=4", "merge.strategy=pairwise")
+    cfg = compose_validate("agg=avg", "agg.alpha=0.3", "data.num_models=4", "strategy=pairwise")
     assert dataclasses.asdict(cfg.agg.params) == {"alpha": 0.3}
     assert compose_validate("agg=finetune", "agg.lr=0.01").agg.params.learning_rates() == [0.01]
 
@@ -258,6 +270,8 @@ def test_method_labels_use_the_papers_names() -> None:
         ("weight_matching", "np"): "NP-WM",
     }
     assert {key: method_label(*key, "reset_bn") for key in cases} == cases
+    assert method_label("permute", "np", "repair") == "NP-P + REPAIR"
+    assert method_label("cca", "avg", "repair") == "CCA Merge + REPAIR"
 
 
 def test_a_run_with_np_saves_alpha_beside_its_results(tmp_path) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergebench.align.spec import Transform, apply_transforms, random_permutations
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
+from mergebench.spec import Transform, apply_transforms, random_permutations
 
 CASES = [
     ("mlp", {"hidden": [32, 24, 16]}, 1, 8),

@@ -3,6 +3,7 @@ only the figures the rows allow are written (as real PNGs)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +20,17 @@ ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
 def row(**kw) -> dict:
     base = dict.fromkeys(COLUMNS)
     base.update(
-        dataset="mnist", split="rotated", scenario="rotated(angle=90.0)", arch="mlp", width=1.0, num_models=2,
+        dataset="mnist", split="rotated", scenario="rotated(angle=90.0)", split_params='{"angle": 90.0}', arch="mlp",
+        width=1.0, num_models=2,
         strategy="all_to_one", merge_data="union", repair="none", metric="top1", subset="test",
     )  # fmt: skip
     base.update(kw)
     return base
+
+
+def rotated(angle: float) -> dict[str, str]:
+    """The split columns of a rotated run: the label for people, the parameters for programs."""
+    return {"scenario": f"rotated(angle={angle})", "split_params": json.dumps({"angle": angle})}
 
 
 def plotted(ax) -> dict[str, tuple[list[float], list[float]]]:
@@ -39,7 +46,7 @@ def curve_rows() -> pd.DataFrame:
             for label, dip in (("Weight Matching", 10.0), ("Direct averaging", 40.0)):
                 for a in ALPHAS:
                     acc = 90.0 - dip * (1 - abs(2 * a - 1)) + seed  # seeds 0/1: mean = +0.5
-                    common = dict(seed=seed, scenario=f"rotated(angle={angle})", method_label=label, alpha=a)
+                    common = dict(seed=seed, **rotated(angle), method_label=label, alpha=a)
                     rows.append(row(model_role="curve", metric="top1", value=acc, **common))
                     rows.append(row(model_role="curve", metric="loss", value=100.0 - acc, **common))
             rows.append(row(seed=seed, model_role="merged", method_label="Weight Matching", value=80.0))
@@ -90,11 +97,9 @@ def angle_rows() -> pd.DataFrame:
     rows = []
     for seed in (0, 1, 2):
         for angle, acc in ((0.0, 98.0), (45.0, 90.0), (90.0, 70.0)):
-            scenario = f"rotated(angle={angle})"
-            rows.append(
-                row(seed=seed, scenario=scenario, model_role="merged", method_label="Weight Matching", value=acc + seed)
-            )
-            rows.append(row(seed=seed, scenario=scenario, model_role="ensemble", method_label="Ensemble", value=99.0))
+            split = rotated(angle)
+            rows.append(row(seed=seed, **split, model_role="merged", method_label="Weight Matching", value=acc + seed))
+            rows.append(row(seed=seed, **split, model_role="ensemble", method_label="Ensemble", value=99.0))
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

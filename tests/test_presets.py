@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from mergebench.cli import CONF_DIR
 from mergebench.config import validate
+from mergebench.errors import ConfigError
 from mergebench.report import main as report_main
 from tests.fake_data import write_all
 from tests.test_cli import cli
@@ -28,6 +29,10 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
         overrides.append("dataset=mnist")
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = compose("config", overrides=overrides)
+    if (group, option) == ("model", "custom"):  # the user's factory is required: one line naming the key
+        with pytest.raises(ConfigError, match=r"model\.target"):
+            validate(cfg)
+        return
     validate(cfg)
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from torch import nn
 
-from mergebench.align.spec import PermutationSpec
 from mergebench.config import validate
 from mergebench.data.datasets import load_dataset
 from mergebench.data.loader import Batches
@@ -20,6 +19,7 @@ from mergebench.merge.repair import InsertedNorms, channel_stats, goal_stats, re
 from mergebench.merge.reset_bn import reset_bn
 from mergebench.models import MODELS, ModelInput
 from mergebench.run import run
+from mergebench.spec import PermutationSpec
 
 DIGITS = ModelInput(1, 8, 10)
 
@@ -138,7 +138,7 @@ def run_digits(tmp: Path, repair_name: str) -> dict[str, float]:
         "name": "t",
         "device": "cpu",
         "cache_dir": str(tmp / "cache"),
-        "data": {"split": "same", "dataset": {"name": "digits"}},
+        "data": {"name": "same", "dataset": {"name": "digits"}},
         "model": {"name": "mlp", "hidden": [32, 32, 32]},
         "train": {"epochs": 10, "batch_size": 256, "optimizer": "adam", "lr": 1e-2, "weight_decay": 0.0,
                   "warmup_epochs": 0.0, "schedule": "constant", "amp": False},

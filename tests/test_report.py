@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -14,12 +15,18 @@ from mergebench.results import COLUMNS
 def row(**kw) -> dict:
     base = dict.fromkeys(COLUMNS)
     base.update(
-        dataset="cifar100", split="dirichlet", scenario="dirichlet(concentration=0.5)", arch="resnet20", width=8.0,
+        dataset="cifar100", split="dirichlet", scenario="dirichlet(concentration=0.5)",
+        split_params='{"concentration": 0.5}', arch="resnet20", width=8.0,
         num_models=2, strategy="all_to_one", merge_data="union", metric="top1", subset="test", model_role="merged",
         align="permute", agg="np", repair="reset_bn",
     )  # fmt: skip
     base.update(kw)
     return base
+
+
+def rotated(angle: float) -> dict[str, str]:
+    """The split columns of a rotated run: the label for people, the parameters for programs."""
+    return {"scenario": f"rotated(angle={angle})", "split_params": json.dumps({"angle": angle})}
 
 
 def synthetic() -> pd.DataFrame:
@@ -59,7 +66,7 @@ def test_paper_deltas() -> None:
 def test_ym_table1_columns_from_angle() -> None:
     df = pd.DataFrame(
         [
-            row(seed=0, split="rotated", scenario=f"rotated(angle={a})", method_label="Weight Matching", value=v)
+            row(seed=0, split="rotated", **rotated(a), method_label="Weight Matching", value=v)
             for a, v in [(0.0, 98.0), (90.0, 70.0)]
         ],
         columns=COLUMNS,
@@ -84,6 +91,20 @@ def test_cli_writes_tables_and_lists_missing_runs(tmp_path: Path, capsys: pytest
     assert (tmp_path / "tables" / "np_table2.md").read_text().startswith("### NP Table II")
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1
+
+
+def test_rows_written_before_split_params_take_them_from_the_job_config(tmp_path: Path) -> None:
+    for angle, value in ((0.0, 98.0), (90.0, 70.0)):
+        job = tmp_path / str(int(angle))
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "config.yaml").write_text(
+            f"data:\n  name: rotated\n  num_models: 2\n  angle: {angle}\n  dataset:\n    name: mnist\n"
+        )
+        old = row(seed=0, split="rotated", scenario=f"rotated(angle={angle})", method_label="Permute", value=value)
+        pd.DataFrame([old], columns=COLUMNS).drop(columns="split_params").to_csv(job / "results.csv", index=False)
+    assert main([str(tmp_path), "--paper", "ym_table1"]) == 0
+    table = pd.read_csv(tmp_path / "tables" / "ym_table1.csv", index_col=0)
+    assert table.loc["Permute", "0°"] == "98.00 ± 0.00" and table.loc["Permute", "90°"] == "70.00 ± 0.00"
 
 
 def test_wide_layout_exactly() -> None:
@@ -121,11 +142,11 @@ def test_np_table4_rows_are_merges_by_aligner() -> None:
 
 def test_ym_table2_names_rows_and_columns_as_the_paper() -> None:
     rows = []
-    for split, scenario, dataset in (
-        ("rotated", "rotated(angle=90.0)", "mnist"),
-        ("cross_dataset", "cross_dataset(others=['fashion_mnist'])", "mnist+fashion_mnist"),
+    for split, columns, dataset in (
+        ("rotated", rotated(90.0), "mnist"),
+        ("cross_dataset", {"split_params": json.dumps({"others": ["fashion_mnist"]})}, "mnist+fashion_mnist"),
     ):
-        common = dict(seed=0, split=split, scenario=scenario, dataset=dataset, arch="mlp", width=1.0)
+        common = dict(seed=0, split=split, **columns, dataset=dataset, arch="mlp", width=1.0)
         rows += [
             row(method_label="Model A", model_role="base_0", value=55.0, **common),
             row(method_label="Joint", model_role="joint", value=98.0, **common),
@@ -147,7 +168,7 @@ def test_ym_table2_names_rows_and_columns_as_the_paper() -> None:
 def test_our_extra_rows_go_where_the_papers_put_them() -> None:
     df = pd.DataFrame(
         [
-            row(seed=0, split="rotated", scenario="rotated(angle=0.0)", method_label=label, model_role=role, value=v)
+            row(seed=0, split="rotated", **rotated(0.0), method_label=label, model_role=role, value=v)
             for label, role, v in [
                 ("Weight Matching", "merged", 98.0),
                 ("Model A", "base_0", 99.0),

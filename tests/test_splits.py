@@ -144,6 +144,32 @@ def test_rotation_is_bilinear_with_zero_fill() -> None:
     assert torch.equal(rotate(white, 360.0), white)
 
 
+def test_rotation_interpolation_and_fill_reach_the_pixels() -> None:
+    """A pixel on a blended edge differs between bilinear and nearest; `fill` is what enters from outside."""
+    image = torch.zeros((1, 1, 4, 4), dtype=torch.uint8)
+    image[0, 0, 1, 2] = 200
+    bilinear, nearest = rotate(image, 45.0, "bilinear"), rotate(image, 45.0, "nearest")
+    assert set(nearest.unique().tolist()) <= {0, 200}  # nearest only copies pixels
+    assert 0 < bilinear[0, 0, 1, 1].item() < 200  # bilinear blends the lit pixel into its neighbour
+    assert not torch.equal(bilinear, nearest)
+    white = torch.full((1, 1, 16, 16), 255, dtype=torch.uint8)
+    filled = rotate(torch.zeros_like(white), 45.0, fill=100.0)
+    assert filled[0, 0, 0, 0] == 100 and filled[0, 0, 8, 8] == 0  # outside -> fill, inside keeps the image
+    with pytest.raises(ConfigError, match="interpolation"):
+        rotate(white, 45.0, "lanczos")
+
+
+def test_rotated_scenario_passes_interpolation_and_fill() -> None:
+    b_of = {}
+    for mode in ("bilinear", "nearest"):
+        s = make("rotated", angle=45.0, interpolation=mode, fill=30.0)
+        b_of[mode] = s.train.x[s.clients[1]]
+        assert torch.equal(b_of[mode], rotate(s.train.x[s.clients[0]], 45.0, mode, 30.0))
+    assert not torch.equal(b_of["bilinear"], b_of["nearest"])
+    with pytest.raises(ConfigError, match="interpolation"):
+        to_dataclass(RotatedParams, {"angle": 45.0, "interpolation": "area"}, "data")
+
+
 def _fake_files_loader(root: Path):
     @functools.cache
     def load(name: str) -> tuple[DatasetInfo, ImageData, ImageData]:

@@ -11,13 +11,13 @@ from torch import nn
 
 from mergebench.align import ALIGNERS
 from mergebench.align.registry import Alignment
-from mergebench.align.spec import Transform, random_permutations
 from mergebench.config import Component
 from mergebench.data.merge_data import MergeData
 from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
 from mergebench.merge.avg import AvgParams, aggregate_avg
 from mergebench.merge.strategies import Methods, StrategyParams, all_to_one, merge_many, pairwise
 from mergebench.models import MODELS, ModelInput
+from mergebench.spec import Transform, random_permutations
 from tests.digits_pair import digits_context
 
 
@@ -89,6 +89,16 @@ def test_all_to_one_aligns_every_other_model_to_model_zero(ctx) -> None:
     assert len(counter.agg_calls) == 1 and len(counter.agg_calls[0]) == 4
 
 
+def test_only_all_to_one_hands_the_curve_models_aligned_to_model_zero(ctx) -> None:
+    models = [mlp(s) for s in range(2)]
+    counter = Counting(permute=True)
+    kept = all_to_one(StrategyParams(), models, counter.methods(), ctx).aligned_to_first
+    assert len(kept) == 2 and kept[0] is models[0] and kept[1] is counter.agg_calls[0][1]
+    assert kept[1] is not models[1] and not torch.equal(kept[1].layers[0].weight, models[1].layers[0].weight)
+    for strategy in (pairwise, merge_many):  # model 0 was not the one reference: the curve aligns B to A itself
+        assert strategy(StrategyParams(), models, Counting(permute=True).methods(), ctx).aligned_to_first == []
+
+
 def test_merge_many_aligns_each_model_to_the_average_of_the_others(ctx) -> None:
     models = [mlp(s) for s in range(3)]
     counter = Counting(permute=True)
@@ -131,12 +141,10 @@ def test_every_aligner_aggregator_and_strategy_combination_merges(align: str, ag
 def test_unknown_strategy_and_bad_rounds_fail_clearly() -> None:
     from mergebench.errors import ConfigError
 
-    with pytest.raises(
-        ConfigError, match=r"merge.strategy='star' is not known; allowed: all_to_one, merge_many, pairwise"
-    ):
-        STRATEGIES.parse({"name": "star"}, "merge")
-    with pytest.raises(ConfigError, match=r"merge.rounds=0 must be >= 1"):
-        STRATEGIES.parse({"name": "merge_many", "rounds": 0}, "merge")
+    with pytest.raises(ConfigError, match=r"^strategy='star' is not known; allowed: all_to_one, merge_many, pairwise"):
+        STRATEGIES.parse({"name": "star"}, "strategy")
+    with pytest.raises(ConfigError, match=r"^strategy.rounds=0 must be >= 1"):
+        STRATEGIES.parse({"name": "merge_many", "rounds": 0}, "strategy")
 
 
 def test_transform_identity_detection_ignores_dense_maps() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from mergebench.config import TrainConfig
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.evaluate import ensemble_logits, metrics, predict, subset_metrics
 from mergebench.models import MODELS, ModelInput
+from mergebench.registry import to_dataclass
 from mergebench.train import BaseModelRequest, autocast, lr_factor, train_model, train_or_load
 
 INFO = DatasetInfo("blobs", 3, 1, 4, (0.5,), (0.25,), False)
@@ -44,6 +46,30 @@ def test_warmup_then_linear_decay_per_batch() -> None:
     assert f(10) == 1.0 and f(30) == pytest.approx(0.5) and f(50) == 0.0
     assert all(f(s) >= f(s + 1) for s in range(10, 50))
     assert lr_factor(RECIPE, 5)(7) == 1.0
+
+
+def test_warmup_is_capped_to_a_fraction_of_a_short_run() -> None:
+    """A 5-epoch run of a recipe that warms up 5 epochs: capped at 2.5% it peaks after 1 of 40 steps and decays to
+    0 by the end, instead of climbing for the whole run."""
+    recipe = dataclasses.replace(RECIPE, epochs=5, warmup_epochs=5.0, schedule="warmup_linear")
+    uncapped = lr_factor(recipe, steps_per_epoch=8)
+    assert [uncapped(s) for s in (0, 19, 39)] == [1 / 40, 20 / 40, 1.0]  # all warm-up: ends at the peak
+    capped = lr_factor(dataclasses.replace(recipe, warmup_max_fraction=0.025), steps_per_epoch=8)
+    assert capped(0) == 1.0  # warm-up = int(0.125 epochs * 8) = 1 step
+    assert capped(20) == pytest.approx(1 - 19 / 39) and capped(40) == 0.0
+    long = dataclasses.replace(recipe, epochs=200, warmup_max_fraction=0.025)
+    assert lr_factor(long, 8)(19) == pytest.approx(20 / 40)  # 200 epochs: the cap is the full 5 epochs
+    assert lr_factor(long, 8)(40) == 1.0
+
+
+def test_warmup_cosine_decays_along_a_half_cosine() -> None:
+    recipe = dataclasses.replace(RECIPE, epochs=10, warmup_epochs=2.0, schedule="warmup_cosine")
+    f = lr_factor(recipe, steps_per_epoch=5)
+    assert f(4) == pytest.approx(0.5) and f(10) == 1.0
+    assert f(30) == pytest.approx(0.5) and f(20) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert f(50) == pytest.approx(0.0)
+    with pytest.raises(Exception, match="schedule"):
+        to_dataclass(TrainConfig, {"schedule": "step"}, "train")
 
 
 def test_amp_and_channels_last_are_cuda_only() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
@@ -16,6 +17,13 @@ from typing import Any
 
 import torch
 from filelock import FileLock
+
+log = logging.getLogger("mergebench")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def content_key(fields: dict[str, Any]) -> str:
@@ -79,8 +87,14 @@ class ModelCache:
             meta = json.loads(meta_path.read_text())
             if meta.get("sha256") != file_digest(weights):
                 return None
+        except (OSError, ValueError):
+            return None
+        try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (OSError, ValueError, RuntimeError, json.JSONDecodeError):
+        except Exception as err:  # weights_only refuses anything but tensors: never executed, retrained
+            log.warning(
+                "warning: cached model %s is unreadable or unsafe (%s): retraining it", weights, _first_line(err)
+            )
             return None
         return state, meta
 
@@ -99,3 +113,47 @@ class ModelCache:
             meta = {**meta, "sha256": file_digest(weights)}
             atomic_write_text(meta_path, json.dumps(meta, indent=2, default=str))
             return state, meta, False
+
+
+class ResultsCache:
+    """Finished runs, keyed by the resolved config and the content of the data they read.
+
+    An entry is a folder holding every file the run wrote (rows, split, artifacts) and a manifest of their
+    digests and the row count, written last: a reused job's folder is as complete as a fresh one, and an entry
+    that was truncated or tampered with is ignored (and recomputed), never reused.
+    """
+
+    MANIFEST = "manifest.json"
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root) / "results"
+
+    def restore(self, key: str, out_dir: Path) -> int | None:
+        """Copy a valid entry's files into `out_dir`; returns its row count, or None when there is none."""
+        entry = self.root / key
+        try:
+            manifest = json.loads((entry / self.MANIFEST).read_text())
+            files = manifest["files"]
+            if any(file_digest(entry / name) != digest for name, digest in files.items()):
+                return None
+            lines = (entry / "results.csv").read_text().count("\n")
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if lines != manifest["rows"] + 1:
+            return None
+        for name in files:
+            data = (entry / name).read_bytes()
+            atomic_write_bytes(out_dir / name, lambda f, data=data: f.write(data))
+        return int(manifest["rows"])
+
+    def store(self, key: str, out_dir: Path, rows: int) -> None:
+        """Snapshot the run's files (everything but Hydra's own folder and logs) as the entry for `key`."""
+        names = sorted(
+            p.name for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".log"
+        )
+        entry = self.root / key
+        for name in names:
+            data = (out_dir / name).read_bytes()
+            atomic_write_bytes(entry / name, lambda f, data=data: f.write(data))
+        manifest = {"rows": rows, "files": {name: file_digest(entry / name) for name in names}}
+        atomic_write_text(entry / self.MANIFEST, json.dumps(manifest, indent=1))

@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
-import pandas as pd
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.markup import escape
 
-from mergebench.cache import atomic_write_text, content_key
+from mergebench.cache import content_key
 from mergebench.config import RunConfig, validate
 from mergebench.data.datasets import DATASETS, check_available
 from mergebench.errors import ConfigError
 from mergebench.progress import console
 from mergebench.results import run_table
-from mergebench.run import run
+from mergebench.run import Loaded, build_scenario, run
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# a wheel ships conf/ inside the package; a source checkout (editable install) reads the repository's conf/
+_PACKAGED_CONF = Path(__file__).resolve().parent / "conf"
+CONF_DIR = _PACKAGED_CONF if _PACKAGED_CONF.is_dir() else Path(__file__).resolve().parents[2] / "conf"
+# output folders carry the process id: two runs started in the same second never share a folder
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True)  # cached: SLURM jobs keep it
 # conf/hydra/launcher/*.yaml document the launcher plugins' options under the plugins' own names, so Hydra checks
 # them against the plugins' schemas (what we want) and warns that this matching is deprecated: not the user's concern.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*validated against ConfigStore schema")
@@ -43,31 +51,38 @@ def group_options(group: str) -> list[str] | None:
 
 
 def override_variants(args: list[str]) -> list[list[str]]:
-    """Every sweep value once, with the first value of every other sweep: enough to check each choice."""
-    parsed = OverridesParser.create().parse_overrides(args)
+    """Every job of the sweep (the product of its sweep values): composing is cheap, so each job's config is
+    checked before the first one runs. An override that does not parse is named with how to quote it."""
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            parser.parse_overrides([arg])
+        except HydraException as err:
+            raise ConfigError(_parse_message(arg, err)) from None
     fixed, sweeps = [], []
-    for o in parsed:
-        if o.key_or_group.startswith("hydra"):
-            continue
+    for o in parser.parse_overrides(args):
         if o.is_sweep_override():
             sweeps.append([f"{o.input_line.split('=', 1)[0]}={v}" for v in o.sweep_string_iterator()])
         else:
             fixed.append(o.input_line)
-    if not sweeps:
-        return [fixed]
-    firsts = [s[0] for s in sweeps]
-    variants = [fixed + firsts]
-    for i, values in enumerate(sweeps):
-        variants += [fixed + firsts[:i] + [v] + firsts[i + 1 :] for v in values[1:]]
-    return variants
+    return [fixed + list(choice) for choice in itertools.product(*sweeps)]
 
 
-def check_overrides(args: list[str]) -> None:
-    """Compose and validate every distinct choice before Hydra launches anything; raise a one-line ConfigError."""
-    try:
-        variants = override_variants(args)
-    except HydraException as err:
-        raise ConfigError(f"cannot parse the overrides: {str(err).splitlines()[0]}") from None
+def _parse_message(arg: str, err: Exception) -> str:
+    key, _, value = arg.partition("=")
+    if value.endswith(","):
+        return f"cannot parse the override {arg!r}: a sweep ends with a comma; list values as {key}=a,b"
+    return (
+        f"cannot parse the override {arg!r} ({str(err).splitlines()[0].strip()}); quote a value with spaces or "
+        f"special characters inside the override, e.g. '{key}=\"{value}\"'"
+    )
+
+
+def check_overrides(args: list[str], multirun: bool = False) -> None:
+    """Compose and validate every job before Hydra launches anything; raise a one-line ConfigError."""
+    variants = override_variants(args)
+    loaded: Loaded = {}
+    scenarios: set[str] = set()
     for overrides in variants:
         for item in overrides:
             key, _, value = item.lstrip("+~").partition("=")
@@ -78,11 +93,48 @@ def check_overrides(args: list[str]) -> None:
         GlobalHydra.instance().clear()
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
             try:
-                cfg = compose("config", overrides=overrides)
+                cfg = compose("config", overrides=overrides, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException) as err:
                 raise ConfigError(_compose_message(err)) from None
-        check_data(validate(cfg))
+            output = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+        with open_dict(cfg):
+            del cfg["hydra"]
+        run_cfg = validate(cfg)
+        check_device(run_cfg.device)
+        check_writable("cache_dir", run_cfg.cache_dir)
+        check_writable("hydra.run.dir", output)
+        check_data(run_cfg)
+        data_key = content_key({k: run_cfg.raw.get(k) for k in ("data", "seed", "cache_dir")})
+        if data_key not in scenarios:  # each distinct split is built once: empty clients, bad class lists
+            scenarios.add(data_key)
+            build_scenario(run_cfg, loaded)
     GlobalHydra.instance().clear()
+
+
+def check_device(name: str) -> None:
+    """A device this machine has: asking for CUDA without it fails here, not in the first tensor op."""
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name!r}: CUDA is not available on this machine; allowed here: auto, cpu")
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device='mps': MPS is not available on this machine; allowed here: auto, cpu")
+
+
+def check_writable(key: str, folder: Path) -> None:
+    """The folder (or its nearest existing ancestor) takes a new file: a read-only or misplaced folder is one line
+    here, not a traceback after training."""
+    folder = folder.resolve()
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{key}={folder}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"{key}={folder}: cannot write in {existing} ({err.strerror or err})") from None
 
 
 def check_data(run_cfg: RunConfig) -> None:
@@ -104,31 +156,24 @@ def _compose_message(err: Exception) -> str:
     return head
 
 
-def run_or_resume(run_cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
-    """Run, unless a run with the same resolved config finished before: then reuse its rows (a cache hit: repeated
-    commands and resumed sweeps train and merge nothing)."""
-    finished = run_cfg.cache_dir / "results" / f"{content_key(run_cfg.raw)}.csv"
-    if finished.exists():
-        console.log(f"cache hit: run finished before: reusing its rows ({finished})", highlight=False)
-        text = finished.read_text()
-        atomic_write_text(out_dir / "results.csv", text)
-        return pd.read_csv(out_dir / "results.csv")
-    df = run(run_cfg, out_dir)
-    atomic_write_text(finished, (out_dir / "results.csv").read_text())
-    return df
-
-
 def _task(cfg: DictConfig) -> None:
     try:
         run_cfg = validate(cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        df = run_or_resume(run_cfg, out_dir)
+        df = run(run_cfg, out_dir)
     except ConfigError as err:
-        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    title = f"{run_cfg.name}: {run_cfg.dataset.name} {run_cfg.data.split} {run_cfg.model.name}"
+        _fail(str(err), 2)
+    except KeyboardInterrupt:
+        _fail("interrupted: finished runs and cached models are kept; run the same command again to resume", 130)
+    title = f"{run_cfg.name}: {run_cfg.dataset.name} {run_cfg.split.name} {run_cfg.model.name}"
     console.print(run_table(df, title))
     console.print(f"results: {out_dir / 'results.csv'}", highlight=False)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    prefix = "[bold red]error:[/] " if code == 2 else ""
+    err_console.print(f"{prefix}{escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(code)
 
 
 def main() -> None:
@@ -137,8 +182,9 @@ def main() -> None:
     if not flags & (PASSTHROUGH_FLAGS | CONFIG_FLAGS):
         overrides = [a for a in args if not a.startswith("-")]
         try:
-            check_overrides(overrides)
+            check_overrides(overrides, multirun=bool(flags & {"-m", "--multirun"}))
         except ConfigError as err:
-            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+            _fail(str(err), 2)
+        except KeyboardInterrupt:
+            _fail("interrupted before any job started", 130)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()

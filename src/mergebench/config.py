@@ -9,34 +9,30 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from mergebench.align import ALIGNERS
-from mergebench.data.datasets import DATASETS
+from mergebench.align import ALIGNERS, Aligner
+from mergebench.checkpoints import check_sources, checkpoint_key, checkpoint_paths
+from mergebench.data.datasets import DATASETS, NORMALIZE_MODES
 from mergebench.data.merge_data import MergeDataConfig
-from mergebench.data.splits import SPLITS
+from mergebench.data.splits import SPLITS, Split
 from mergebench.errors import ConfigError
-from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
+from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES, Aggregator, Repair, Strategy
 from mergebench.merge.strategies import check_combination
-from mergebench.models import MODELS
-from mergebench.registry import Registry, to_dataclass
+from mergebench.models import MODELS, ModelBuilder
+from mergebench.registry import Component, Registry, to_dataclass
 
-
-@dataclasses.dataclass(frozen=True)
-class Component:
-    """A registry entry chosen by config, with its validated parameters."""
-
-    name: str
-    factory: Any
-    params: Any
+T = TypeVar("T")
 
 
 @dataclasses.dataclass
 class DataConfig:
-    split: str = "same"
+    """The keys every split shares; the split itself is chosen by `data.name`, and its own keys sit beside these."""
+
     num_models: int = 2
     split_seed: int = 0
     root: str = "./data"
@@ -47,6 +43,8 @@ class DataConfig:
     def check(self) -> None:
         if self.num_models < 2:
             raise ConfigError(f"num_models={self.num_models} must be >= 2 (merging needs at least two models)")
+        if self.split_seed < 0:
+            raise ConfigError(f"split_seed={self.split_seed} must be >= 0")
         for key in ("train_limit", "test_limit"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -57,6 +55,14 @@ class DataConfig:
 class DatasetConfig:
     name: str = "digits"
     augment: bool | None = None
+    normalize: str = "standard"  # standard = (x/255 - mean)/std | unit = x/255 (Git Re-Basin, YM)
+
+    def check(self) -> None:
+        if self.normalize not in NORMALIZE_MODES:
+            raise ConfigError(f"normalize={self.normalize!r} is not known; allowed: {', '.join(NORMALIZE_MODES)}")
+
+
+SCHEDULES = ("constant", "warmup_linear", "warmup_cosine")
 
 
 @dataclasses.dataclass
@@ -68,6 +74,9 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: float = 5.0
+    # cap on the warm-up as a fraction of the run (the papers warm up 5 of 200 epochs = 0.025), so that a short run
+    # is not all warm-up; null = no cap
+    warmup_max_fraction: float | None = None
     schedule: str = "warmup_linear"
     amp: bool = True
     channels_last: bool = True
@@ -79,10 +88,20 @@ class TrainConfig:
             raise ConfigError(f"epochs={self.epochs} must be >= 0")
         if self.batch_size <= 0:
             raise ConfigError(f"batch_size={self.batch_size} must be > 0")
+        if not self.lr > 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+        if not self.weight_decay >= 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer={self.optimizer!r} is not known; allowed: adam, sgd")
-        if self.schedule not in ("warmup_linear", "constant"):
-            raise ConfigError(f"schedule={self.schedule!r} is not known; allowed: constant, warmup_linear")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+        if self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
+        if self.warmup_max_fraction is not None and not 0 <= self.warmup_max_fraction <= 1:
+            raise ConfigError(f"warmup_max_fraction={self.warmup_max_fraction} must lie in [0, 1] or be null")
 
 
 @dataclasses.dataclass
@@ -94,6 +113,10 @@ class ReferencesConfig:
 @dataclasses.dataclass
 class EvalConfig:
     batch_size: int = 1000
+
+    def check(self) -> None:
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size={self.batch_size} must be > 0")
 
 
 @dataclasses.dataclass
@@ -114,18 +137,19 @@ class RunConfig:
     select_on: str
     data: DataConfig
     dataset: DatasetConfig
-    split: Component
-    model: Component
+    split: Component[Split]
+    model: Component[ModelBuilder]
     train: TrainConfig
-    align: Component
-    agg: Component
-    repair: Component
-    strategy: Component
+    align: Component[Aligner]
+    agg: Component[Aggregator]
+    repair: Component[Repair]
+    strategy: Component[Strategy]
     merge_data: MergeDataConfig
     references: ReferencesConfig
     eval: EvalConfig
     curve: CurveConfig
     raw: dict[str, Any]
+    checkpoints: list[Path] = dataclasses.field(default_factory=list)  # user weights instead of trained bases
 
 
 TOP_LEVEL = {
@@ -141,15 +165,16 @@ TOP_LEVEL = {
     "align",
     "agg",
     "repair",
-    "merge",
+    "strategy",
     "merge_data",
     "references",
     "eval",
     "curve",
+    "checkpoints",
 }
 
 
-def _component(registry: Registry, section: Any, prefix: str) -> Component:
+def _component(registry: Registry[T], section: Any, prefix: str) -> Component[T]:
     entry, params = registry.parse(section, prefix)
     return Component(entry.name, entry.factory, params)
 
@@ -160,6 +185,15 @@ def _section(raw: dict[str, Any], key: str) -> dict[str, Any]:
         raise ConfigError(f"{key}={value!r} must be a mapping")
     return dict(value)
 
+
+# the sections chosen by `name` from a registry, whose params dataclass may declare `smoke(values) -> values`
+PLUGIN_SECTIONS: dict[str, Registry] = {
+    "model": MODELS,
+    "align": ALIGNERS,
+    "agg": AGGREGATORS,
+    "repair": REPAIRS,
+    "strategy": STRATEGIES,
+}
 
 # batch_size: small batches give the one smoke epoch ~10 steps, enough to lift the models above chance
 SMOKE_LIMITS = {
@@ -183,8 +217,12 @@ def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
         model["width"] = min(float(model["width"]), SMOKE_LIMITS["width"])
     if "hidden" in model:
         model["hidden"] = [min(h, SMOKE_LIMITS["hidden"]) for h in model["hidden"]]
-    if "gamma_grid" in raw.get("align", {}):  # CCA's γ search: every fourth value of the grid (1e-6, 1e-2, …)
-        raw["align"]["gamma_grid"] = raw["align"]["gamma_grid"][::4]
+    for section, registry in PLUGIN_SECTIONS.items():  # a component may shrink its own parameters (CCA's γ grid)
+        values = raw.get(section)
+        if isinstance(values, dict) and "name" in values:
+            smoke = getattr(registry.get(str(values["name"])).params, "smoke", None)
+            if smoke is not None:
+                raw[section] = smoke(values)
     curve = raw.setdefault("curve", {})
     if curve.get("points", 0) > SMOKE_LIMITS["curve"]:
         curve["points"] = SMOKE_LIMITS["curve"]
@@ -202,35 +240,47 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     for key in raw:
         if key not in TOP_LEVEL:
             raise ConfigError(f"{key} is not a known key; allowed: {', '.join(sorted(TOP_LEVEL))}")
+    checkpoints = checkpoint_paths(raw.get("checkpoints"))
+    if checkpoints:  # one model per file; the results cache keys on the files' content, not only their paths
+        raw["data"] = {**_section(raw, "data"), "num_models": len(checkpoints)}
+        raw["checkpoints"] = checkpoint_key(checkpoints)
 
     data_raw = _section(raw, "data")
     dataset_raw = data_raw.pop("dataset", {"name": "digits"})
     common_keys = {f.name for f in dataclasses.fields(DataConfig)}
     split_params = {k: v for k, v in data_raw.items() if k not in common_keys}
     data = to_dataclass(DataConfig, {k: v for k, v in data_raw.items() if k in common_keys}, "data")
-    split = _component(SPLITS, {"name": data.split, **split_params}, "data")
+    split = _component(SPLITS, {"name": "same", **split_params}, "data")
     dataset = to_dataclass(DatasetConfig, dataset_raw, "data.dataset")
     DATASETS.get(dataset.name)
 
-    merge_raw = _section(raw, "merge")
-    strategy = _component(STRATEGIES, {"name": merge_raw.pop("strategy", "all_to_one"), **merge_raw}, "merge")
+    strategy = _component(STRATEGIES, {"name": "all_to_one", **_section(raw, "strategy")}, "strategy")
     select_on = str(raw.get("select_on", "val"))
     if select_on not in ("val", "test"):
         raise ConfigError(f"select_on={select_on!r} is not known; allowed: test, val")
     device = str(raw.get("device", "auto"))
-    if device != "auto" and not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise ConfigError(f"device={device!r} is not known; allowed: auto, cpu, cuda, cuda:N, mps")
     seed = raw.get("seed", 0)
-    if not isinstance(seed, int):
-        raise ConfigError(f"seed={seed!r} must be an integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"seed={seed!r} must be an integer >= 0")
     agg = _component(AGGREGATORS, _section(raw, "agg"), "agg")
     check_combination(strategy.name, data.num_models, agg.name, agg.params)
+    merge_data = to_dataclass(MergeDataConfig, _section(raw, "merge_data"), "merge_data")
+    if merge_data.source != "union" and int(merge_data.source) >= data.num_models:
+        raise ConfigError(
+            f"merge_data.source={merge_data.source} but data.num_models={data.num_models}: "
+            f"allowed: union, 0..{data.num_models - 1}"
+        )
     curve = to_dataclass(CurveConfig, _section(raw, "curve"), "curve")
     if curve.points and data.num_models != 2:
         raise ConfigError(
             f"curve.points={curve.points} needs data.num_models=2, not {data.num_models}: "
             "the curve interpolates model A and the aligned model B (curve.points=0 turns it off)"
         )
+    model = _component(MODELS, _section(raw, "model"), "model")
+    references = to_dataclass(ReferencesConfig, _section(raw, "references"), "references")
+    check_sources(model.name, checkpoints, references.joint)
     return RunConfig(
         name=str(raw.get("name", "adhoc")),
         seed=seed,
@@ -240,15 +290,16 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         data=data,
         dataset=dataset,
         split=split,
-        model=_component(MODELS, _section(raw, "model"), "model"),
+        model=model,
         train=to_dataclass(TrainConfig, _section(raw, "train"), "train"),
         align=_component(ALIGNERS, _section(raw, "align"), "align"),
         agg=agg,
         repair=_component(REPAIRS, _section(raw, "repair"), "repair"),
         strategy=strategy,
-        merge_data=to_dataclass(MergeDataConfig, _section(raw, "merge_data"), "merge_data"),
-        references=to_dataclass(ReferencesConfig, _section(raw, "references"), "references"),
+        merge_data=merge_data,
+        references=references,
         eval=to_dataclass(EvalConfig, _section(raw, "eval"), "eval"),
         curve=curve,
         raw=raw,
+        checkpoints=checkpoints,
     )

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mergebench.align.spec import PermutationSpec
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.loader import Batches
 from mergebench.data.merge_data import MergeData
+from mergebench.spec import PermutationSpec
 
 
 @dataclasses.dataclass
@@ -47,7 +47,7 @@ class MergeContext:
             return self.fit_batches(batch_size=self.eval_batch_size)
         return Batches(self.train, self.merge.val, self.info, self.eval_batch_size)
 
-    def clone(self, model: nn.Module) -> nn.Module:
-        fresh = self.build_model()
-        fresh.load_state_dict(model.state_dict())
-        return fresh
+    def seeded_fit_batches(self) -> Batches:
+        """The merge data in an order shuffled with the run's seed: every pass that learns or recomputes
+        statistics on it (NP, fine-tuning, BN resets, REPAIR) is reproducible run to run."""
+        return self.fit_batches(shuffle=True, seed=self.seed)

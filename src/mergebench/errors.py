@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataNotFoundError(ConfigError):
     """A dataset's files are missing: the message names the expected path and how to get them."""
+
+
+class DataError(ConfigError):
+    """A dataset's files are there but unreadable (truncated, malformed, mismatched): the message names the file."""

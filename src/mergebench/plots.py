@@ -11,23 +11,18 @@ Each function returns the Figure (tests read the plotted data from it) or None w
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
 
-from mergebench.results import method_sort_key
+from mergebench.results import method_sort_key, split_param
 
 SETTING_KEYS = ["dataset", "scenario", "arch", "width", "norm", "num_models", "merge_data", "repair"]
 CURVES_PER_FIGURE = 8
 REFERENCE_STYLE = {"Ensemble": ":", "Base models avg.": "--", "Model A": "-.", "Model B": "-."}
-
-
-def scenario_param(scenario: str, key: str) -> str | None:
-    """A split parameter from the `scenario` column, e.g. `angle` from `rotated(angle=90.0)`."""
-    match = re.search(rf"{key}=([^,)]+)", str(scenario))
-    return match.group(1) if match else None
 
 
 def natural_key(text: str) -> list[float | str]:
@@ -50,8 +45,8 @@ def _setting_label(df: pd.DataFrame) -> pd.Series:
         return pd.Series("", index=df.index)
 
     def label(row: pd.Series) -> str:
-        angle = scenario_param(row["scenario"], "angle") if row["split"] == "rotated" else None
-        parts = [f"θ={float(angle):g}°" if k == "scenario" and angle else f"{k}={row[k]}" for k in varying]
+        angle = split_param(row.get("split_params"), "angle") if row["split"] == "rotated" else None
+        parts = [f"θ={float(angle):g}°" if k == "scenario" and angle is not None else f"{k}={row[k]}" for k in varying]
         return ", ".join(parts)
 
     return df.apply(label, axis=1)
@@ -135,7 +130,7 @@ def accuracy_vs_angle(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> Fi
     test = test[test["model_role"].isin(["merged", "ensemble", "base_avg", "base_0", "base_1", "joint"])]
     if test.empty:
         return None
-    test["angle"] = test["scenario"].map(lambda s: float(scenario_param(s, "angle") or "nan"))
+    test["angle"] = test["split_params"].map(lambda s: float(split_param(s, "angle", default=math.nan)))
     if test["angle"].nunique() < 2:
         return None
     stats = _mean_std(test, ["method_label", "angle"])

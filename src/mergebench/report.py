@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+from omegaconf import OmegaConf
 from rich.table import Table
 
+from mergebench.align import ALIGNERS
 from mergebench.cache import atomic_write_text
-from mergebench.plots import scenario_param, write_plots
+from mergebench.config import DataConfig
+from mergebench.merge import AGGREGATORS
+from mergebench.plots import write_plots
 from mergebench.progress import console
-from mergebench.results import METHOD_ORDER, method_sort_key
+from mergebench.registry import Registry
+from mergebench.results import METHOD_ORDER, method_sort_key, split_param
 
 DATASET_NAMES = {
     "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST", "fashion_mnist": "FMNIST",
@@ -27,12 +33,14 @@ DATASET_NAMES = {
 }  # fmt: skip
 ARCH_NAMES = {"vgg11": "VGG11", "resnet20": "ResNet20", "resnet18": "ResNet18", "mlp": "MLP"}
 SPLIT_NAMES = {"split_80_20": "80%-20%", "dirichlet": "Dirichlet", "same": "same", "split_classes": "SPLIT"}
-AGG_KIND = {"avg": "merging only", "np": "NP", "finetune": "Finetune"}
 Cell = Callable[[pd.Series], str | None]
 
 
-def _param(row: pd.Series, key: str) -> str | None:
-    return scenario_param(str(row.get("scenario", "")), key)
+def _paper_name(registry: Registry, name: str, field: str = "label") -> str:
+    """The paper's name a component registered with (its `label`, or `abbrev`: NP, Finetune), else its config name."""
+    if name not in registry.names():
+        return name
+    return getattr(registry.get(name), field) or name
 
 
 def _size(row: pd.Series) -> str:
@@ -42,7 +50,7 @@ def _size(row: pd.Series) -> str:
 
 def _ym2_column(row: pd.Series) -> str | None:
     if row.split == "rotated":
-        return f"MNIST-RMNIST({float(_param(row, 'angle') or 0):g}°)"
+        return f"MNIST-RMNIST({float(split_param(row.get('split_params'), 'angle', 0.0)):g}°)"
     if row.split == "split_classes":
         return f"SPLIT-{DATASET_NAMES.get(row.dataset, row.dataset).replace('-', '')}"
     if row.split == "cross_dataset":
@@ -80,12 +88,10 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "np_table4": Layout(
         "NP Table IV (ResNet20×8, CIFAR-100 Dirichlet; merge data per class)",
-        lambda r: f"{_size(r)}: {AGG_KIND.get(r['agg'], r['agg'])}",
-        row=lambda r: (
-            {"weight_matching": "Weight Matching", "permute": "Permute"}.get(r["align"])
-            if r.model_role == "merged"
-            else None
+        lambda r: (
+            f"{_size(r)}: {'merging only' if r['agg'] == 'avg' else _paper_name(AGGREGATORS, r['agg'], 'abbrev')}"
         ),
+        row=lambda r: _paper_name(ALIGNERS, r["align"]) if r.model_role == "merged" else None,
     ),
     "np_fig1": Layout(
         "NP Fig. 1 (accuracy vs number of merged models)",
@@ -94,7 +100,7 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "ym_table1": Layout(
         "YM Table 1 (MLP, MNIST vs rotated MNIST, accuracy % on the mixed test set)",
-        lambda r: f"{float(_param(r, 'angle') or 0):g}°",
+        lambda r: f"{float(split_param(r.get('split_params'), 'angle', 0.0)):g}°",
     ),
     "ym_table2": Layout("YM Table 2 (accuracy % on D_AB)", _ym2_column, row=_ym2_row),
     "ym_table3": Layout("YM Table 3 (SPLIT-CIFAR10, STE with k examples per class)", lambda r: f"{_size(r)}/class"),
@@ -117,11 +123,26 @@ def load_rows(folder: Path) -> tuple[pd.DataFrame, list[Path]]:
             missing.append(hydra_dir.parent)
     for csv in sorted(folder.rglob("results.csv")):
         try:
-            frames.append(pd.read_csv(csv))
+            frame = pd.read_csv(csv)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
             missing.append(csv.parent)
+            continue
+        if "split_params" not in frame:
+            frame["split_params"] = _split_params_of(csv.parent)
+        frames.append(frame)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return df, missing
+
+
+def _split_params_of(job: Path) -> str:
+    """The split's parameters from a job's resolved config, for a results.csv written before its `split_params`
+    column existed: the `data` keys that are not common to every split."""
+    config = job / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return ""
+    data = OmegaConf.to_container(OmegaConf.load(config).get("data", {}), resolve=False)
+    common = {f.name for f in dataclasses.fields(DataConfig)} | {"name", "split", "dataset"}
+    return json.dumps({k: v for k, v in data.items() if k not in common})
 
 
 def paper_values(name: str) -> pd.DataFrame | None:

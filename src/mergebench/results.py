@@ -10,23 +10,15 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
+from mergebench.align import ALIGNERS
 from mergebench.cache import atomic_write_text
+from mergebench.merge import AGGREGATORS, REPAIRS
 
 COLUMNS = [
     "run_id", "experiment", "dataset", "split", "arch", "width", "norm", "num_models", "seed",
-    "scenario", "align", "agg", "repair", "strategy", "merge_data", "select_on", "method_label", "model_role",
-    "metric", "subset", "value", "alpha", "wall_s", "diagnostics",
+    "scenario", "split_params", "align", "agg", "repair", "strategy", "merge_data", "select_on", "method_label",
+    "model_role", "metric", "subset", "value", "alpha", "wall_s", "diagnostics",
 ]  # fmt: skip
-
-ALIGN_LABELS = {
-    "identity": "Direct averaging",
-    "permute": "Permute",
-    "weight_matching": "Weight Matching",
-    "cca": "CCA Merge",
-    "ste": "STE",
-}
-ALIGN_SUFFIX = {"identity": "Direct", "permute": "P", "weight_matching": "WM", "cca": "CCA", "ste": "STE"}
-AGG_LABELS = {"np": "NP", "finetune": "Finetune"}
 
 # rows of the papers' tables, in their order; labels not listed sort after these, alphabetically
 METHOD_ORDER = [
@@ -36,12 +28,22 @@ METHOD_ORDER = [
 
 
 def method_label(align: str, agg: str, repair: str) -> str:
-    """The papers' name for a merge: 'Permute', 'NP-P', 'Finetune-WM', with ' + REPAIR' when REPAIR ran."""
-    if agg == "avg":
-        label = ALIGN_LABELS.get(align, align)
-    else:
-        label = f"{AGG_LABELS.get(agg, agg)}-{ALIGN_SUFFIX.get(align, align)}"
-    return f"{label} + REPAIR" if repair == "repair" else label
+    """The papers' name for a merge ('Permute', 'NP-P', 'Finetune-WM + REPAIR') from the names each component
+    registered with (`Entry.label`); a component without one is named by its config name."""
+    aligner, aggregator, fix = ALIGNERS.get(align), AGGREGATORS.get(agg), REPAIRS.get(repair)
+    label = (aggregator.label or f"{agg}-{{abbrev}}").format(
+        align=aligner.label or align, abbrev=aligner.abbrev or align
+    )
+    return (fix.label or "{method}").format(method=label)
+
+
+def split_param(split_params: Any, key: str, default: Any = None) -> Any:
+    """One parameter of a run's split (e.g. `angle` of `rotated`) from its `split_params` column (JSON), or
+    `default` where the split has no such parameter."""
+    if not isinstance(split_params, str) or not split_params:
+        return default
+    value = json.loads(split_params).get(key)
+    return default if value is None else value
 
 
 def base_label(i: int, num_models: int) -> str:

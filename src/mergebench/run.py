@@ -4,7 +4,6 @@ and, with `curve.points=N`, the interpolation curve of model A and the aligned m
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import time
 from pathlib import Path
@@ -13,17 +12,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mergebench.cache import ModelCache, atomic_write_bytes, atomic_write_text, content_key
+from mergebench.align.verify import VERIFY_BATCH, checked_spec
+from mergebench.cache import ModelCache, ResultsCache, atomic_write_bytes, atomic_write_text, content_key, tensor_digest
+from mergebench.checkpoints import load_models
 from mergebench.config import RunConfig
 from mergebench.context import MergeContext
 from mergebench.data.datasets import DatasetInfo, ImageData, load_dataset
-from mergebench.data.loader import to_device
+from mergebench.data.loader import Batches, to_device
 from mergebench.data.merge_data import select_merge_data
 from mergebench.data.splits import Scenario, SplitRequest
+from mergebench.errors import ConfigError
 from mergebench.evaluate import ensemble_logits, metrics, predict, subset_metrics
 from mergebench.merge.curve import barriers, interpolation_curve
 from mergebench.merge.strategies import Methods, align_to
 from mergebench.models import ModelInput
+from mergebench.pause import pause_point
+from mergebench.progress import console
 from mergebench.results import RowWriter, base_label, method_label
 from mergebench.train import BaseModelRequest, train_or_load
 
@@ -41,14 +45,39 @@ def _limit(data: ImageData, limit: int | None, seed: int) -> ImageData:
     return ImageData(data.x[keep].contiguous(), data.y[keep])
 
 
-def build_scenario(cfg: RunConfig) -> Scenario:
-    @functools.cache
+Loaded = dict[str, tuple[DatasetInfo, ImageData, ImageData]]
+
+
+def build_scenario(cfg: RunConfig, loaded: Loaded | None = None) -> Scenario:
+    """The run's clients, test set and subsets; `loaded` shares read datasets between calls (the CLI's check of
+    every job of a sweep). A client left without examples is refused here, before anything trains."""
+    loaded = {} if loaded is None else loaded
+
     def load(name: str) -> tuple[DatasetInfo, ImageData, ImageData]:
-        info, train, test = load_dataset(name, cfg.data.root, cfg.data.download, cfg.cache_dir / "data")
-        return info, _limit(train, cfg.data.train_limit, cfg.data.split_seed), _limit(test, cfg.data.test_limit, 0)
+        key = f"{name}|{cfg.data.root}|{cfg.data.train_limit}|{cfg.data.test_limit}|{cfg.data.split_seed}"
+        if key not in loaded:
+            info, train, test = load_dataset(name, cfg.data.root, cfg.data.download, cfg.cache_dir / "data")
+            train = _limit(train, cfg.data.train_limit, cfg.data.split_seed)
+            loaded[key] = info, train, _limit(test, cfg.data.test_limit, 0)
+        return loaded[key]
 
     request = SplitRequest(cfg.dataset.name, load, cfg.data.num_models, cfg.data.split_seed)
-    return cfg.split.factory(cfg.split.params, request)
+    scenario = cfg.split.factory(cfg.split.params, request)
+    empty = [k for k, idx in enumerate(scenario.clients) if idx.numel() == 0]
+    if empty:
+        shown = ", ".join(map(str, empty[:8])) + (f" and {len(empty) - 8} more" if len(empty) > 8 else "")
+        raise ConfigError(
+            f"data.num_models={cfg.data.num_models}: client(s) {shown} get no training examples from "
+            f"{scenario_label(cfg)} on {len(scenario.train)} {scenario.info.name} examples "
+            f"({scenario.info.num_classes} classes); use fewer models"
+        )
+    return scenario
+
+
+def scenario_digest(scenario: Scenario) -> str:
+    """The content of everything the run reads: a changed data file changes it, whatever its path."""
+    parts = [scenario.train.x, scenario.train.y, scenario.test.x, scenario.test.y, *scenario.clients]
+    return tensor_digest(*parts, *scenario.test_subsets.values())
 
 
 def save_split(scenario: Scenario, out_dir: Path) -> None:
@@ -58,11 +87,14 @@ def save_split(scenario: Scenario, out_dir: Path) -> None:
     atomic_write_bytes(out_dir / "split_indices.npz", lambda f: np.savez_compressed(f, **arrays))
 
 
+def split_params(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg.split.params) if cfg.split.params is not None else {}
+
+
 def scenario_label(cfg: RunConfig) -> str:
-    """The split with its parameters, e.g. `rotated(angle=90.0)`: the report's columns are built from it."""
-    params = dataclasses.asdict(cfg.split.params) if cfg.split.params is not None else {}
-    inner = ",".join(f"{k}={v}" for k, v in params.items())
-    return f"{cfg.data.split}({inner})"
+    """The split with its parameters, e.g. `rotated(angle=90.0)`, for people; programs read `split_params`."""
+    inner = ",".join(f"{k}={v}" for k, v in split_params(cfg).items())
+    return f"{cfg.split.name}({inner})"
 
 
 def common_columns(cfg: RunConfig, scenario: Scenario) -> dict:
@@ -71,8 +103,9 @@ def common_columns(cfg: RunConfig, scenario: Scenario) -> dict:
         "run_id": content_key(cfg.raw),
         "experiment": cfg.name,
         "dataset": scenario.info.name,
-        "split": cfg.data.split,
+        "split": cfg.split.name,
         "scenario": scenario_label(cfg),
+        "split_params": json.dumps(split_params(cfg)),
         "arch": cfg.model.name,
         "width": getattr(cfg.model.params, "width", None),
         "norm": getattr(cfg.model.params, "norm", None),
@@ -88,8 +121,22 @@ def common_columns(cfg: RunConfig, scenario: Scenario) -> dict:
 
 
 def run(cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
-    device = resolve_device(cfg.device)
+    """Run, unless a run with the same resolved config on the same data finished before: then its files are
+    restored (repeated commands and resumed sweeps train and merge nothing)."""
+    pause_point("run_start")
     scenario = build_scenario(cfg)
+    finished, key = ResultsCache(cfg.cache_dir), content_key({"config": cfg.raw, "data": scenario_digest(scenario)})
+    if finished.restore(key, out_dir) is not None:
+        console.log(f"cache hit: run finished before: reusing its rows (results {key})", highlight=False)
+        return pd.read_csv(out_dir / "results.csv")
+    df = merge_and_evaluate(cfg, scenario, out_dir)
+    finished.store(key, out_dir, len(df))
+    return df
+
+
+def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.DataFrame:
+    """The pipeline of one run, top to bottom: base models, references, merge, evaluation, rows."""
+    device = resolve_device(cfg.device)
     save_split(scenario, out_dir)
     info = scenario.info
     augment = info.augment if cfg.dataset.augment is None else cfg.dataset.augment
@@ -107,7 +154,10 @@ def run(cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
         )
         return train_or_load(request, build, cache)
 
-    models = [base_model(f"base {k}", idx, cfg.seed + k) for k, idx in enumerate(scenario.clients)]
+    if cfg.checkpoints:  # the user's weights: nothing is trained
+        models = load_models(cfg.checkpoints, build)
+    else:
+        models = [base_model(f"base {k}", idx, cfg.seed + k) for k, idx in enumerate(scenario.clients)]
 
     writer = RowWriter(common_columns(cfg, scenario))
     test_all = torch.arange(len(test))
@@ -133,31 +183,38 @@ def run(cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
         writer.add("Joint", "joint", evaluate(joint)[1], wall_s=meta.get("wall_s"))
 
     if not cfg.train.only:
+        merge = select_merge_data(scenario, cfg.merge_data)
+        sample = next(iter(Batches(train, merge.fit, info, VERIFY_BATCH)))[0]
+        spec, checked = checked_spec(
+            [m for m, _ in models], sample, info.num_classes, seed=cfg.seed, repair=cfg.repair.name
+        )
         ctx = MergeContext(
-            spec=models[0][0].permutation_spec(),
+            spec=spec,
             build_model=build,
             train=train,
             test=test,
             info=info,
-            merge=select_merge_data(scenario, cfg.merge_data),
+            merge=merge,
             batch_size=cfg.train.batch_size,
             eval_batch_size=cfg.eval.batch_size,
             device=device,
             seed=cfg.seed,
             select_on=cfg.select_on,
         )
+        pause_point("merge")
         start = time.perf_counter()
         methods = Methods(cfg.align, cfg.agg, cfg.repair)
         merged = cfg.strategy.factory(cfg.strategy.params, [m for m, _ in models], methods, ctx)
         wall = time.perf_counter() - start
         merged.save_artifacts(out_dir)
         label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name)
-        writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=merged.diagnostics)
+        diagnostics = {**checked, **merged.diagnostics}
+        writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=diagnostics)
 
         if cfg.curve.points:  # two models (checked with the config): A and B aligned to it, α = A's weight
             # reuse the strategy's alignment where A stayed the reference (all_to_one); else align B to A here
-            kept_a = len(merged.sources) == 2 and merged.sources[0] is models[0][0]
-            model_a, model_b = merged.sources if kept_a else align_to(models[0][0], [models[1][0]], methods, ctx)[0]
+            pair = merged.aligned_to_first or align_to(models[0][0], [models[1][0]], methods, ctx)[0]
+            model_a, model_b = pair
             curve_label = method_label(cfg.align.name, "avg", cfg.repair.name)
             points = []
             for alpha, model in interpolation_curve(model_a, model_b, cfg.curve.points, cfg.repair, ctx):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,9 +17,11 @@ from mergebench.cache import ModelCache, content_key, tensor_digest
 from mergebench.config import TrainConfig
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.loader import Batches
-from mergebench.progress import console, progress_bar
+from mergebench.errors import ConfigError
+from mergebench.pause import pause_point
+from mergebench.progress import EpochProgress, console
 
-TRAINER_VERSION = 1
+TRAINER_VERSION = 2  # 2: warm-up capped by warmup_max_fraction; warmup_cosine
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
@@ -28,19 +31,49 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
     return contextlib.nullcontext()
 
 
+def warmup_steps(recipe: TrainConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in batches: `warmup_epochs`, capped at `warmup_max_fraction` of the run when set, so a
+    5-epoch run of a 200-epoch recipe warms up for 2.5% of it instead of ending at the peak lr."""
+    epochs = recipe.warmup_epochs
+    if recipe.warmup_max_fraction is not None:
+        epochs = min(epochs, recipe.warmup_max_fraction * recipe.epochs)
+    return int(epochs * steps_per_epoch)
+
+
 def lr_factor(recipe: TrainConfig, steps_per_epoch: int) -> Callable[[int], float]:
-    """Linear warm-up over `warmup_epochs`, then linear decay to 0, stepped per batch."""
-    total = max(1, recipe.epochs * steps_per_epoch)
-    warm = int(recipe.warmup_epochs * steps_per_epoch)
+    """Multiplier of the peak lr at each batch: `constant`, or a linear warm-up then a linear (`warmup_linear`,
+    CCA Merge / NP) or cosine (`warmup_cosine`, Git Re-Basin's SGD) decay to 0."""
     if recipe.schedule == "constant":
         return lambda step: 1.0
+    total = max(1, recipe.epochs * steps_per_epoch)
+    warm = warmup_steps(recipe, steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warm:
             return (step + 1) / warm
-        return max(0.0, (total - step) / max(1, total - warm))
+        done = min(1.0, (step - warm) / max(1, total - warm))
+        if recipe.schedule == "warmup_cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * done))
+        return 1.0 - done
 
     return factor
+
+
+class TrainingDiverged(ConfigError):
+    """The loss became NaN/inf or blew up: the recipe does not train this model (and nothing is cached)."""
+
+
+BLOW_UP = 1e4  # an epoch's mean loss this many times the first batch's loss counts as divergence
+
+
+def check_divergence(loss: float, first: float | None, epoch: int, label: str, recipe: TrainConfig) -> None:
+    if first is None or (math.isfinite(loss) and loss <= BLOW_UP * max(first, 1e-3)):
+        return
+    raise TrainingDiverged(
+        f"training diverged: {label} epoch {epoch} has loss {loss:.3g} (first batch {first:.3g}) with "
+        f"train.optimizer={recipe.optimizer} train.lr={recipe.lr:g} train.batch_size={recipe.batch_size}; "
+        "lower train.lr (nothing was cached)"
+    )
 
 
 def make_optimizer(params: Any, recipe: TrainConfig) -> torch.optim.Optimizer:
@@ -71,9 +104,8 @@ def train_model(
     optimizer = make_optimizer(model.parameters(), recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(recipe, len(batches)))
     model.train()
-    start, seen, loss_value = time.perf_counter(), 0, float("nan")
-    with progress_bar() as progress:
-        task = progress.add_task(label, total=recipe.epochs * len(batches), status=f"epoch 1/{recipe.epochs}")
+    start, seen, loss_value, first_loss = time.perf_counter(), 0, float("nan"), None
+    with EpochProgress(label, recipe.epochs, len(batches)) as progress:
         for epoch in range(recipe.epochs):
             total_loss, count = torch.zeros((), device=device), 0
             for x, y in batches:
@@ -81,21 +113,20 @@ def train_model(
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast(device, recipe.amp):
                     loss = F.cross_entropy(step_fn(x), y)
+                if first_loss is None:
+                    first_loss = loss.item()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 total_loss += loss.detach() * y.numel()
                 count += y.numel()
-                progress.advance(task)
+                progress.step(y.numel())
             seen += count
             loss_value = (total_loss / max(1, count)).item()
-            rate = seen / (time.perf_counter() - start)
-            progress.update(
-                task,
-                status=f"epoch {epoch + 1}/{recipe.epochs} loss {loss_value:.3f} "
-                f"lr {scheduler.get_last_lr()[0]:.2g} {rate:,.0f} img/s",
-            )
+            check_divergence(loss_value, first_loss, epoch + 1, label, recipe)
+            progress.epoch_end(epoch + 1, loss_value, scheduler.get_last_lr()[0])
+            pause_point("train_epoch")
     wall = time.perf_counter() - start
     return {"train_loss": loss_value, "wall_s": wall, "images_per_s": seen / wall if wall > 0 else 0.0}
 

@@ -3,24 +3,18 @@
 `activation_stats` runs model A and model B side by side over the batches once, with forward hooks on every
 group's probe modules, and streams per-group means, covariances and the A×B cross-covariance into float64
 accumulators of size width² — activations are never kept beyond the batch that produced them.
-`midpoint` builds the candidate merge that an aligner scores (with `evaluate.evaluate_batches`) on the selection
-data where it selects something (CCA's γ, STE's permutation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
-from mergebench.align.spec import PermutationSpec
-
-if TYPE_CHECKING:  # the context imports align.spec, and so this package
-    from mergebench.context import MergeContext
+from mergebench.spec import PermutationSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,16 +135,3 @@ def activation_stats(
         model_a.train(modes[0])
         model_b.train(modes[1])
     return {g: acc.result() for g, acc in accumulators.items()}
-
-
-def midpoint(ctx: MergeContext, state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor]) -> nn.Module:
-    """The plain average of two (aligned) states as a model; BatchNorm statistics are reset on the merge data,
-    as the pipeline's reset_bn would, so that a candidate is judged as it would be used."""
-    from mergebench.merge.avg import weighted_average  # merge imports this module
-    from mergebench.merge.reset_bn import has_batchnorm, reset_bn, seeded_fit_batches
-
-    model = ctx.build_model()
-    model.load_state_dict(weighted_average([state_a, state_b], [0.5, 0.5]))
-    if has_batchnorm(model):
-        reset_bn(model, seeded_fit_batches(ctx))
-    return model.eval()

@@ -14,19 +14,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from mergebench.align.activations import GroupStats, activation_stats, midpoint
+from mergebench.align.activations import GroupStats, activation_stats
 from mergebench.align.registry import ALIGNERS, Alignment
-from mergebench.align.spec import Transform, apply_transforms
+from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
-
-if TYPE_CHECKING:  # the context imports align.spec, and so this package
-    from mergebench.context import MergeContext
+from mergebench.merge.avg import mean_model
+from mergebench.spec import Transform, apply_transforms
 
 
 @dataclasses.dataclass
@@ -42,6 +41,13 @@ class CCAParams:
             raise ConfigError(f"gamma_grid={self.gamma_grid} must be a non-empty list of values > 0")
         if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"batch_size={self.batch_size} must be a positive integer or null (eval batch size)")
+
+    @staticmethod
+    def smoke(values: dict[str, Any]) -> dict[str, Any]:
+        """smoke=true: the γ search tries every fourth value of the grid (1e-6, 1e-2, …)."""
+        if "gamma_grid" in values:
+            return {**values, "gamma_grid": values["gamma_grid"][::4]}
+        return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +88,10 @@ class CCAMaps:
 
 def _score(ctx: MergeContext, ref: nn.Module, other: nn.Module, transforms: dict[str, Transform]) -> dict[str, float]:
     aligned = apply_transforms(other.state_dict(), ctx.spec, transforms)
-    return evaluate_batches(midpoint(ctx, ref.state_dict(), aligned), ctx.select_batches())
+    return evaluate_batches(mean_model([ref.state_dict(), aligned], ctx), ctx.select_batches())
 
 
-@ALIGNERS.register("cca", CCAParams)
+@ALIGNERS.register("cca", CCAParams, label="CCA Merge", abbrev="CCA")
 def align_cca(params: CCAParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
     start = time.perf_counter()
     batches = ctx.fit_batches(batch_size=params.batch_size or ctx.eval_batch_size)

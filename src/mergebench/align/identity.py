@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from torch import nn
 
 from mergebench.align.registry import ALIGNERS, Alignment
-
-if TYPE_CHECKING:  # the context imports align.spec, and so this package
-    from mergebench.context import MergeContext
+from mergebench.context import MergeContext
 
 
-@ALIGNERS.register("identity")
+@ALIGNERS.register("identity", label="Direct averaging", abbrev="Direct")
 def align_identity(params: None, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
     return Alignment(transforms={})

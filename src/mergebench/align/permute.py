@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -16,11 +15,9 @@ from torch import nn
 
 from mergebench.align.activations import GroupStats, activation_stats
 from mergebench.align.registry import ALIGNERS, Alignment
-from mergebench.align.spec import Transform
+from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-
-if TYPE_CHECKING:  # the context imports align.spec, and so this package
-    from mergebench.context import MergeContext
+from mergebench.spec import Transform
 
 
 @dataclasses.dataclass
@@ -44,7 +41,7 @@ def correlation_matching(stats: dict[str, GroupStats]) -> tuple[dict[str, Transf
     return transforms, torch.cat(matched).mean().item()
 
 
-@ALIGNERS.register("permute", PermuteParams)
+@ALIGNERS.register("permute", PermuteParams, label="Permute", abbrev="P")
 def align_permute(params: PermuteParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
     start = time.perf_counter()
     batches = ctx.fit_batches(batch_size=params.batch_size or ctx.eval_batch_size)

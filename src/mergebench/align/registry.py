@@ -1,13 +1,15 @@
-"""The aligner registry and what every aligner returns."""
+"""The aligner contract, its registry and what every aligner returns."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
-from mergebench.align.spec import Transform
+from torch import nn
+
+from mergebench.context import MergeContext
 from mergebench.registry import Registry
+from mergebench.spec import Transform
 
 
 @dataclasses.dataclass
@@ -18,4 +20,11 @@ class Alignment:
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-ALIGNERS: Registry[Callable[..., Alignment]] = Registry("align")
+class Aligner(Protocol):
+    """Carries model `other` into model `ref`'s basis; `ref` is kept as is. `params` is the dataclass the aligner
+    registered (None without one); an empty `transforms` is the identity."""
+
+    def __call__(self, params: Any, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment: ...
+
+
+ALIGNERS: Registry[Aligner] = Registry("align", "mergebench.align")

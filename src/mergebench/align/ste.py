@@ -11,23 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mergebench.align.activations import midpoint
 from mergebench.align.registry import ALIGNERS, Alignment
-from mergebench.align.spec import Transform, apply_transforms
-from mergebench.align.weight_matching import mix_seeds, weight_matching
+from mergebench.align.weight_matching import weight_matching
+from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
-from mergebench.progress import progress_bar
-
-if TYPE_CHECKING:  # the context imports align.spec, and so this package
-    from mergebench.context import MergeContext
+from mergebench.merge.avg import mean_model
+from mergebench.progress import EpochProgress
+from mergebench.seeds import mix_seeds
+from mergebench.spec import Transform, apply_transforms
 
 
 @dataclasses.dataclass
@@ -66,7 +64,7 @@ def _straight_through_midpoint(
     return out
 
 
-@ALIGNERS.register("ste", STEParams)
+@ALIGNERS.register("ste", STEParams, label="STE", abbrev="STE")
 def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
     start = time.perf_counter()
     seed = mix_seeds(ctx.seed, params.seed)
@@ -74,26 +72,27 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
     state_b = {k: v.detach() for k, v in other.state_dict().items()}
     param_names = [name for name, _ in ref.named_parameters()]
     free = {k: state_a[k].clone().requires_grad_(True) for k in param_names}  # θ̃, initialised at θ_A
+    params_b = {k: state_b[k] for k in param_names}
     optimizer = torch.optim.SGD(free.values(), lr=params.lr, momentum=0.9)
     net = ctx.build_model().train()  # structure only: functional_call supplies every tensor
 
     def match(perms: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
-        """Weight-match B onto θ̃ (θ̃'s buffers are A's) to convergence, warm-started from the previous step's
-        permutation; step 0 starts from the identity, as align=weight_matching with the same seed would."""
-        state_free = {**state_a, **{k: v.detach() for k, v in free.items()}}
+        """Weight-match B onto θ̃ to convergence over the parameters (DESIGN §5.1: running statistics are permuted
+        with their group but not scored), warm-started from the previous step's permutation; step 0 starts as
+        align=weight_matching with the same seed would."""
+        theta = {k: v.detach() for k, v in free.items()}
         step_seed = seed if perms is None else mix_seeds(seed, step)
-        return weight_matching(ctx.spec, state_free, state_b, seed=step_seed, init=perms)[0]
+        return weight_matching(ctx.spec, theta, params_b, seed=step_seed, init=perms)[0]
 
     def held_out_loss(perms: dict[str, Tensor]) -> float:
         aligned = apply_transforms(state_b, ctx.spec, _as_transforms(perms))
-        return evaluate_batches(midpoint(ctx, state_a, aligned), ctx.select_batches())["loss"]
+        return evaluate_batches(mean_model([state_a, aligned], ctx), ctx.select_batches())["loss"]
 
     perms, step = match(None, 0), 0
     best_loss, best_perms, best_epoch = held_out_loss(perms), perms, 0
     initial_loss = best_loss
     batches = ctx.fit_batches(shuffle=True, seed=seed, batch_size=params.batch_size or ctx.batch_size)
-    with progress_bar() as progress:
-        task = progress.add_task("STE", total=params.epochs * len(batches), status="")
+    with EpochProgress("STE", params.epochs, len(batches)) as progress:
         for epoch in range(1, params.epochs + 1):
             for x, y in batches:
                 step += 1
@@ -104,15 +103,13 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                progress.advance(task)
+                progress.step(len(y))
             step += 1
             perms = match(perms, step)
             val_loss = held_out_loss(perms)
             if val_loss < best_loss:
                 best_loss, best_perms, best_epoch = val_loss, perms, epoch
-            progress.update(
-                task, status=f"epoch {epoch}/{params.epochs} loss {loss.item():.3f} held-out {val_loss:.3f}"
-            )
+            progress.epoch_end(epoch, loss.item(), params.lr, extra=f"held-out {val_loss:.3f}")
     diagnostics = {
         "epochs": params.epochs,
         "best_epoch": best_epoch,

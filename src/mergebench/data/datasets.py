@@ -11,16 +11,19 @@ import bz2
 import dataclasses
 import gzip
 import hashlib
+import math
 import pickle
 import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from mergebench.cache import atomic_write_bytes
-from mergebench.errors import ConfigError, DataNotFoundError
+from mergebench.errors import ConfigError, DataError, DataNotFoundError
 from mergebench.registry import Registry
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp"}
@@ -31,8 +34,15 @@ HOW_TO_GET = (
 )
 
 
+NORMALIZE_MODES = ("standard", "unit")
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
+    """A dataset's facts. `normalize` says how uint8 pixels become inputs: `standard` = (x/255 - mean) / std, the
+    CCA Merge / NP recipe; `unit` = x/255 only, Git Re-Basin's and YM's MNIST preprocessing. It is part of the info
+    so that it enters every base model's cache key."""
+
     name: str
     num_classes: int
     channels: int
@@ -40,6 +50,20 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool
+    normalize: str = "standard"
+
+    def input_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) to subtract and divide by, on the [0, 1] scale, for this info's normalisation."""
+        if self.normalize == "unit":
+            return (0.0,) * self.channels, (1.0,) * self.channels
+        return self.mean, self.std
+
+
+def with_normalize(info: DatasetInfo, mode: str) -> DatasetInfo:
+    """`info` with the input normalisation `mode` (one of NORMALIZE_MODES)."""
+    if mode not in NORMALIZE_MODES:
+        raise ConfigError(f"dataset.normalize={mode!r} is not known; allowed: {', '.join(NORMALIZE_MODES)}")
+    return dataclasses.replace(info, normalize=mode)
 
 
 @dataclasses.dataclass
@@ -101,13 +125,24 @@ def _idx_path(path: Path) -> Path | None:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An IDX array (uint8 payload); `path` may be the raw file or lack its `.gz`."""
+    """An IDX array (uint8 payload); `path` may be the raw file or lack its `.gz`. A truncated, non-gzip or
+    malformed file is a one-line DataError naming it."""
     found = _idx_path(path)
     if found is None:
         raise DataNotFoundError(f"missing {path}[.gz]")
-    raw = gzip.decompress(found.read_bytes()) if found.suffix == ".gz" else found.read_bytes()
+    try:
+        raw = gzip.decompress(found.read_bytes()) if found.suffix == ".gz" else found.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{found} is not a readable gzip file ({err}); download it again") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise DataError(f"{found} has no IDX header of uint8 data (magic 0x0000080N); download it again")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{found} is truncated inside its IDX header; download it again")
     dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
+    expected = 4 + 4 * ndim + math.prod(dims)
+    if len(raw) != expected:
+        raise DataError(f"{found} holds {len(raw)} bytes but its IDX header {dims} needs {expected}; download it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
@@ -123,6 +158,7 @@ def _mnist_like(folder: str) -> tuple[Callable[[Path], Path | None], Callable[[P
         for split in ("train", "t10k"):
             x = torch.from_numpy(read_idx(raw / f"{split}-images-idx3-ubyte").copy())[:, None]
             y = torch.from_numpy(read_idx(raw / f"{split}-labels-idx1-ubyte").astype(np.int64))
+            _check_pair(raw / f"{split}-*-idx?-ubyte", x, y)
             out.append(ImageData(x, y))
         return info, out[0], out[1]
 
@@ -132,10 +168,36 @@ def _mnist_like(folder: str) -> tuple[Callable[[Path], Path | None], Callable[[P
 # ---- CIFAR-10/100: python pickle batches (dicts with b'data' uint8 [N, 3072] and the labels) -------------------
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR batches are pickled dicts of lists, bytes and numpy arrays: exactly those globals are allowed, so a
+    crafted batch file cannot run code."""
+
+    ALLOWED = frozenset({
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"), ("_codecs", "encode"),
+    })  # fmt: skip
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict[str, object]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise DataError(f"{path} is not a CIFAR batch ({err}); download it again") from None
+    if not isinstance(batch, dict):
+        raise DataError(f"{path} is not a CIFAR batch (a {type(batch).__name__}, not a dict); download it again")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+
+
+def _check_pair(path: Path, x: torch.Tensor, y: torch.Tensor) -> None:
+    if len(x) != len(y):
+        raise DataError(f"{path}: {len(x)} images but {len(y)} labels; download the files again")
 
 
 def _cifar(
@@ -146,9 +208,14 @@ def _cifar(
 
     def load(paths: list[Path]) -> ImageData:
         batches = [_unpickle(p) for p in paths]
-        x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
-        y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
-        return ImageData(torch.from_numpy(x.copy()), torch.from_numpy(y))
+        try:
+            x = np.concatenate([np.asarray(b["data"], dtype=np.uint8) for b in batches]).reshape(-1, 3, 32, 32)
+            y = np.concatenate([np.asarray(b[label_key], dtype=np.int64) for b in batches])
+        except (KeyError, ValueError, TypeError) as err:
+            raise DataError(f"{paths[0].parent}: malformed CIFAR batch ({err}); download it again") from None
+        data = ImageData(torch.from_numpy(x.copy()), torch.from_numpy(y))
+        _check_pair(paths[0].parent, data.x, data.y)
+        return data
 
     def read(root: Path, info: DatasetInfo, cache: Path | None) -> Split:
         base = root / folder
@@ -304,10 +371,6 @@ for _source in _SOURCES:
 
 def dataset_names() -> list[str]:
     return DATASETS.names()
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    return DATASETS.get(name).factory.info
 
 
 def missing_data_error(name: str, root: Path, path: Path) -> DataNotFoundError:

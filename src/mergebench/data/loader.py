@@ -55,8 +55,9 @@ class Batches:
         self.drop_last = drop_last
         self.gen = torch.Generator().manual_seed(seed)
         device = data.x.device
-        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1) * 255
-        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1) * 255
+        mean, std = info.input_stats()
+        self.mean = torch.tensor(mean, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, -1, 1, 1) * 255
 
     def __len__(self) -> int:
         n = self.indices.numel()

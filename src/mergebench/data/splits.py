@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -58,7 +59,13 @@ class SplitRequest:
     seed: int
 
 
-SPLITS: Registry[Callable[..., Scenario]] = Registry("data.split")
+class Split(Protocol):
+    """Builds a scenario from the request; deterministic in (dataset, `params`, request.seed)."""
+
+    def __call__(self, params: Any, req: SplitRequest) -> Scenario: ...
+
+
+SPLITS: Registry[Split] = Registry("data", "mergebench.data")
 
 
 def _single(req: SplitRequest, clients: list[Tensor], subsets: dict[str, Tensor] | None = None) -> Scenario:
@@ -73,7 +80,7 @@ def _class_indices(y: Tensor, cls: int, rng: np.random.Generator) -> np.ndarray:
 
 def _require_two(req: SplitRequest, split: str) -> None:
     if req.num_models != 2:
-        raise ConfigError(f"data.num_models={req.num_models}: data.split={split} defines exactly 2 clients")
+        raise ConfigError(f"data.num_models={req.num_models}: data={split} defines exactly 2 clients")
 
 
 @SPLITS.register("same")
@@ -179,16 +186,23 @@ def split_classes(params: SplitClassesParams, req: SplitRequest) -> Scenario:
     return _single(req, clients, subsets)
 
 
-def rotate(x: Tensor, degrees: float) -> Tensor:
-    """Rotate uint8 images about their centre (bilinear, zero fill), once, as tensors."""
+ROTATE_MODES = ("bilinear", "nearest", "bicubic")
+
+
+def rotate(x: Tensor, degrees: float, interpolation: str = "bilinear", fill: float = 0.0) -> Tensor:
+    """Rotate uint8 images counter-clockwise about their centre, once, as tensors; pixels from outside the image
+    take `fill`. Bilinear with zero fill is what YM does (torchvision's `rotate` on PIL images)."""
+    if interpolation not in ROTATE_MODES:
+        raise ConfigError(f"interpolation={interpolation!r} is not known; allowed: {', '.join(ROTATE_MODES)}")
     if degrees % 360 == 0:
         return x.clone()
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)
     mat = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=torch.float32).expand(x.shape[0], 2, 3)
     grid = F.affine_grid(mat, list(x.shape), align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return out.round().clamp(0, 255).to(torch.uint8)
+    # sampling is linear in the image, so rotating x - fill with zero padding and adding fill back pads with fill
+    out = F.grid_sample(x.float() - fill, grid, mode=interpolation, padding_mode="zeros", align_corners=False)
+    return (out + fill).round().clamp(0, 255).to(torch.uint8)
 
 
 def _concat(parts: list[ImageData]) -> ImageData:
@@ -208,6 +222,14 @@ def _pooled(parts_train: list[ImageData], parts_test: list[ImageData], info: Dat
 @dataclasses.dataclass
 class RotatedParams:
     angle: float = 90.0
+    interpolation: str = "bilinear"  # bilinear | nearest | bicubic
+    fill: float = 0.0  # the value (0-255) of pixels rotated in from outside the image
+
+    def check(self) -> None:
+        if self.interpolation not in ROTATE_MODES:
+            raise ConfigError(f"interpolation={self.interpolation!r} is not known; allowed: {', '.join(ROTATE_MODES)}")
+        if not 0 <= self.fill <= 255:
+            raise ConfigError(f"fill={self.fill} must lie in [0, 255] (uint8 pixels)")
 
 
 @SPLITS.register("rotated", RotatedParams)
@@ -215,8 +237,8 @@ def split_rotated(params: RotatedParams, req: SplitRequest) -> Scenario:
     """Client 0 = the dataset, client 1 = the same dataset rotated by `angle`; test = the union of both."""
     _require_two(req, "rotated")
     info, train, test = req.load(req.dataset)
-    rot_train = ImageData(rotate(train.x, params.angle), train.y.clone())
-    rot_test = ImageData(rotate(test.x, params.angle), test.y.clone())
+    rot_train = ImageData(rotate(train.x, params.angle, params.interpolation, params.fill), train.y.clone())
+    rot_test = ImageData(rotate(test.x, params.angle, params.interpolation, params.fill), test.y.clone())
     return _pooled([train, rot_train], [test, rot_test], info)
 
 
@@ -239,7 +261,7 @@ def split_cross_dataset(params: CrossDatasetParams, req: SplitRequest) -> Scenar
     means i in every dataset."""
     if req.num_models != 1 + len(params.others):
         raise ConfigError(
-            f"data.num_models={req.num_models}: data.split=cross_dataset needs 1 + len(data.others)"
+            f"data.num_models={req.num_models}: data=cross_dataset needs 1 + len(data.others)"
             f" = {1 + len(params.others)} models"
         )
     info, train, test = req.load(req.dataset)

@@ -1,17 +1,6 @@
-"""Aggregators, repairs and K-model strategies; importing this package registers them all."""
+"""Aggregators, repairs and K-model strategies: every module here that registers with one of the registries is one;
+the registries import them when asked."""
 
-from mergebench.merge import avg, finetune, np_merge, repair, reset_bn, strategies
-from mergebench.merge.registry import AGGREGATORS, REPAIRS, STRATEGIES, Merged
+from mergebench.merge.registry import AGGREGATORS, REPAIRS, STRATEGIES, Aggregator, Merged, Methods, Repair, Strategy
 
-__all__ = [
-    "AGGREGATORS",
-    "REPAIRS",
-    "STRATEGIES",
-    "Merged",
-    "avg",
-    "finetune",
-    "np_merge",
-    "repair",
-    "reset_bn",
-    "strategies",
-]
+__all__ = ["AGGREGATORS", "REPAIRS", "STRATEGIES", "Aggregator", "Merged", "Methods", "Repair", "Strategy"]

@@ -1,4 +1,5 @@
-"""Scalar interpolation: W = α·W_A + (1-α)·W_B' for two models, the plain mean for K models."""
+"""Averages of aligned models: scalar interpolation W = α·W_A + (1-α)·W_B' for two models, the plain mean for K
+models, and the one plain-mean model that aligners score candidates with and MergeMany aligns to."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.registry import AGGREGATORS, Merged
+from mergebench.merge.reset_bn import has_batchnorm, reset_bn
 
 
 @dataclasses.dataclass
@@ -43,11 +45,27 @@ def weighted_average(states: list[Mapping[str, torch.Tensor]], weights: list[flo
     return out
 
 
+def uniform_weights(num_models: int) -> list[float]:
+    """1/K for each of K models: the plain mean every aggregator starts from or falls back to."""
+    return [1.0 / num_models] * num_models
+
+
 def interpolation_weights(num_models: int, alpha: float) -> list[float]:
-    return [alpha, 1.0 - alpha] if num_models == 2 else [1.0 / num_models] * num_models
+    return [alpha, 1.0 - alpha] if num_models == 2 else uniform_weights(num_models)
 
 
-@AGGREGATORS.register("avg", AvgParams)
+def mean_model(states: list[Mapping[str, torch.Tensor]], ctx: MergeContext) -> nn.Module:
+    """The plain average of (aligned) states as a model in eval mode, with BatchNorm statistics recomputed on the
+    merge data as the pipeline's reset_bn would: aligners judge their candidates (CCA's γ, STE's permutation) as
+    they would be used, and MergeMany's activation-based aligners see sensible units."""
+    model = ctx.build_model()
+    model.load_state_dict(weighted_average(states, uniform_weights(len(states))))
+    if has_batchnorm(model):
+        reset_bn(model, ctx.seeded_fit_batches())
+    return model.eval()
+
+
+@AGGREGATORS.register("avg", AvgParams, label="{align}")  # a plain average is named after its aligner
 def aggregate_avg(params: AvgParams, models: list[nn.Module], ctx: MergeContext) -> Merged:
     weights = interpolation_weights(len(models), params.alpha)
     merged = ctx.build_model()

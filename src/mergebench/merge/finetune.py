@@ -2,11 +2,14 @@
 then train every weight on the same merge data, with the same optimiser and epochs NP Merge gets.
 
 NP tuned the learning rate; here `lr=auto` picks it from `lr_grid` on the validation carve-out of the merge data
-(or on the test set with select_on=test, as the papers did), and the results record which.
+(or on the test set with select_on=test, as the papers did), and the results record which. Candidates are scored
+with BatchNorm statistics recomputed, as `repair=reset_bn` (NP's setting) would use them; the model returned keeps
+the statistics its training left, so `repair=none` means none.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -15,10 +18,10 @@ from torch import nn
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
-from mergebench.merge.avg import weighted_state
+from mergebench.merge.avg import uniform_weights, weighted_state
 from mergebench.merge.loop import adam_epochs
 from mergebench.merge.registry import AGGREGATORS, Merged
-from mergebench.merge.reset_bn import reset_bn, seeded_fit_batches
+from mergebench.merge.reset_bn import has_batchnorm, reset_bn
 
 
 @dataclasses.dataclass
@@ -47,19 +50,27 @@ class FinetuneParams:
 
 
 def finetune(start: dict, lr: float, epochs: int, ctx: MergeContext) -> tuple[nn.Module, list[float]]:
-    """A fresh model loaded with `start`, every weight trained with Adam on the merge data, BN statistics reset."""
+    """A fresh model loaded with `start`, every weight trained with Adam on the merge data."""
     net = ctx.build_model()
     net.load_state_dict(start)
     net.train()
     losses = adam_epochs(
-        net, net.parameters(), seeded_fit_batches(ctx), lr=lr, epochs=epochs, label=f"Finetune lr={lr:g}"
+        net, net.parameters(), ctx.seeded_fit_batches(), lr=lr, epochs=epochs, label=f"Finetune lr={lr:g}"
     )
-    return reset_bn(net, seeded_fit_batches(ctx)).eval(), losses
+    return net.eval(), losses
 
 
-@AGGREGATORS.register("finetune", FinetuneParams)
+def score(net: nn.Module, ctx: MergeContext) -> dict[str, float]:
+    """Top-1 and loss on the selection data of a copy of `net` with BatchNorm statistics reset on the merge data."""
+    candidate = net
+    if has_batchnorm(net):
+        candidate = reset_bn(copy.deepcopy(net), ctx.seeded_fit_batches())
+    return evaluate_batches(candidate, ctx.select_batches())
+
+
+@AGGREGATORS.register("finetune", FinetuneParams, label="Finetune-{abbrev}", abbrev="Finetune")
 def aggregate_finetune(params: FinetuneParams, models: list[nn.Module], ctx: MergeContext) -> Merged:
-    weights = [1.0 / len(models)] * len(models)
+    weights = uniform_weights(len(models))
     start = weighted_state(models, weights)
     rates = params.learning_rates()
     best, scores = None, {}
@@ -67,7 +78,7 @@ def aggregate_finetune(params: FinetuneParams, models: list[nn.Module], ctx: Mer
         net, losses = finetune(start, lr, params.epochs, ctx)
         key = (0.0, 0.0)
         if len(rates) > 1:
-            result = evaluate_batches(net, ctx.select_batches())
+            result = score(net, ctx)
             scores[lr] = result["top1"]
             key = (result["top1"], -result["loss"])
         if best is None or key > best[0]:

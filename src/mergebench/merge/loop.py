@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mergebench.data.loader import Batches
-from mergebench.progress import progress_bar
+from mergebench.progress import EpochProgress
 
 
 def adam_epochs(
@@ -27,8 +27,7 @@ def adam_epochs(
     tensors = list(tensors)
     optimizer = torch.optim.Adam(tensors, lr=lr)
     epoch_losses = []
-    with progress_bar() as progress:
-        task = progress.add_task(label, total=epochs * len(batches), status="")
+    with EpochProgress(label, epochs, len(batches)) as progress:
         for epoch in range(epochs):
             total, count = torch.zeros(()), 0  # summed on the device: no host sync per step
             for x, y in batches:
@@ -38,7 +37,7 @@ def adam_epochs(
                 optimizer.step()
                 total = total.to(loss.device) + loss.detach() * len(y)
                 count += len(y)
-                progress.advance(task)
+                progress.step(len(y))
             epoch_losses.append(total.item() / max(count, 1))
-            progress.update(task, status=f"epoch {epoch + 1}/{epochs} loss {epoch_losses[-1]:.4f}")
+            progress.epoch_end(epoch + 1, epoch_losses[-1], lr)
     return epoch_losses

@@ -5,6 +5,9 @@ is computed inside the forward pass with `torch.func.functional_call`, so a step
 elementwise blend: no module is rebuilt and no model is copied per step. With K > 2 models (strategy=all_to_one)
 every entry gets K logits and a softmax over them (simplex weights, all starting equal): the joint generalisation
 the NP paper set aside for its memory cost, which the diagnostics record.
+
+BatchNorm running statistics are left as the α optimisation's train-mode passes left them: the NP paper resets
+them after every merge, which is `repair=reset_bn` (its presets set it); `repair=none` keeps them.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ from torch.func import functional_call
 
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.avg import weighted_state
+from mergebench.merge.avg import uniform_weights, weighted_state
 from mergebench.merge.loop import adam_epochs
 from mergebench.merge.registry import AGGREGATORS, Merged
-from mergebench.merge.reset_bn import reset_bn, seeded_fit_batches
 
 TENSOR_CHOICES = ("all", "weights_only")
 
@@ -71,7 +73,7 @@ class ParameterBlend:
         else:
             self.sources = {n: torch.stack([s[n] for s in frozen]) for n in learned}
             self.logits = {n: torch.zeros_like(self.sources[n]).requires_grad_(True) for n in learned}
-            weights = [1.0 / self.num_models] * self.num_models
+            weights = uniform_weights(self.num_models)
         self.fixed = {n: sum(w * s[n] for w, s in zip(weights, frozen)) for n in self.names if n not in self.logits}
 
     def weights(self, name: str) -> Tensor:
@@ -136,13 +138,13 @@ def blended_forward(net: nn.Module, blend: ParameterBlend) -> Callable[[Tensor],
     return lambda x: functional_call(net, blend.params(), (x,))
 
 
-@AGGREGATORS.register("np", NPParams)
+@AGGREGATORS.register("np", NPParams, label="NP-{abbrev}", abbrev="NP")
 def aggregate_np(params: NPParams, models: list[nn.Module], ctx: MergeContext) -> Merged:
     num_models = len(models)
     states = [{n: p.detach() for n, p in m.named_parameters()} for m in models]
     learned = [n for n, t in states[0].items() if params.tensors == "all" or t.dim() >= 2]
     blend = ParameterBlend(states, learned, params.init)
-    fixed_weights = [params.init, 1.0 - params.init] if num_models == 2 else [1.0 / num_models] * num_models
+    fixed_weights = [params.init, 1.0 - params.init] if num_models == 2 else uniform_weights(num_models)
 
     net = ctx.build_model()
     net.load_state_dict(weighted_state(models, fixed_weights))  # buffers; parameters come from the blend
@@ -152,7 +154,7 @@ def aggregate_np(params: NPParams, models: list[nn.Module], ctx: MergeContext) -
     losses = adam_epochs(
         blended_forward(net, blend),
         blend.logits.values(),
-        seeded_fit_batches(ctx),
+        ctx.seeded_fit_batches(),
         lr=params.lr,
         epochs=params.epochs,
         label=f"NP Merge ({num_models} models)",
@@ -162,7 +164,6 @@ def aggregate_np(params: NPParams, models: list[nn.Module], ctx: MergeContext) -
         for name, p in net.named_parameters():
             p.copy_(final[name])
     net.requires_grad_(True)  # a plain model again, as every aggregator returns
-    reset_bn(net, seeded_fit_batches(ctx))  # NP resets BN after every merge
     alphas = blend.learned_weights()
     diagnostics = {
         "np_epoch_loss": losses,

@@ -1,17 +1,18 @@
-"""Registries for aggregators, repairs and K-model strategies, and what an aggregator returns."""
+"""The contracts and registries of aggregators, repairs and K-model strategies, and what an aggregator returns."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
+from mergebench.align.registry import Aligner
 from mergebench.cache import atomic_write_bytes
-from mergebench.registry import Registry
+from mergebench.context import MergeContext
+from mergebench.registry import Component, Registry
 
 
 @dataclasses.dataclass
@@ -19,14 +20,15 @@ class Merged:
     """The merged model, the weight each source had in it (REPAIR's goals use them), diagnostics for the results
     row, and tensors worth keeping beside it (e.g. NP Merge's learned α), one .pt file per artifact name.
 
-    `sources` are the aligned models of the last aggregation, so the interpolation curve reuses the alignment.
+    `aligned_to_first` is [model 0, model 1 aligned to it, …] when the strategy kept model 0 as the one reference
+    (all_to_one), so the interpolation curve reuses that alignment; empty when it merged in another order.
     """
 
     model: nn.Module
     weights: list[float]
     diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
     artifacts: dict[str, dict[str, Tensor]] = dataclasses.field(default_factory=dict)
-    sources: list[nn.Module] = dataclasses.field(default_factory=list)
+    aligned_to_first: list[nn.Module] = dataclasses.field(default_factory=list)
 
     def save_artifacts(self, folder: Path) -> list[Path]:
         """Write every artifact to `folder/<name>.pt` atomically; returns the paths written."""
@@ -39,6 +41,36 @@ class Merged:
         return paths
 
 
-AGGREGATORS: Registry[Callable[..., Merged]] = Registry("agg")
-REPAIRS: Registry[Callable[..., nn.Module]] = Registry("repair")
-STRATEGIES: Registry[Callable[..., Merged]] = Registry("merge.strategy")
+class Aggregator(Protocol):
+    """Merges models already in one basis (model 0's) into one model; `params` is its registered dataclass."""
+
+    def __call__(self, params: Any, models: list[nn.Module], ctx: MergeContext) -> Merged: ...
+
+
+class Repair(Protocol):
+    """Fixes a merged model after aggregation (statistics, variance) given its aligned sources and their weights;
+    returns it in eval mode."""
+
+    def __call__(
+        self, params: Any, merged: nn.Module, sources: list[nn.Module], weights: list[float], ctx: MergeContext
+    ) -> nn.Module: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Methods:
+    """The chosen aligner, aggregator and repair, which a strategy applies in its own order."""
+
+    align: Component[Aligner]
+    agg: Component[Aggregator]
+    repair: Component[Repair]
+
+
+class Strategy(Protocol):
+    """Decides in which order K models are aligned, aggregated and repaired with `methods`."""
+
+    def __call__(self, params: Any, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged: ...
+
+
+AGGREGATORS: Registry[Aggregator] = Registry("agg", "mergebench.merge")
+REPAIRS: Registry[Repair] = Registry("repair", "mergebench.merge")
+STRATEGIES: Registry[Strategy] = Registry("strategy", "mergebench.merge")

@@ -23,12 +23,12 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from mergebench.align.spec import PermutationSpec
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.registry import REPAIRS
-from mergebench.merge.reset_bn import has_batchnorm, reset_bn, seeded_fit_batches
+from mergebench.merge.reset_bn import has_batchnorm, reset_bn
 from mergebench.models.layers import ChannelLayerNorm
+from mergebench.spec import PermutationSpec
 
 __all__ = [
     "Goal",
@@ -230,8 +230,8 @@ def repair(
     return inserted.fuse()
 
 
-@REPAIRS.register("repair")
+@REPAIRS.register("repair", label="{method} + REPAIR")
 def repair_repair(
     params: None, merged: nn.Module, sources: list[nn.Module], weights: list[float], ctx: MergeContext
 ) -> nn.Module:
-    return repair(merged, sources, weights, ctx.spec, seeded_fit_batches(ctx))
+    return repair(merged, sources, weights, ctx.spec, ctx.seeded_fit_batches())

@@ -52,11 +52,6 @@ def reset_bn(
     return model.eval()
 
 
-def seeded_fit_batches(ctx: MergeContext):
-    """The merge data in a seeded shuffled order: repairs are reproducible run to run."""
-    return ctx.fit_batches(shuffle=True, seed=ctx.seed)
-
-
 @REPAIRS.register("none")
 def repair_none(
     params: None, merged: nn.Module, sources: list[nn.Module], weights: list[float], ctx: MergeContext
@@ -68,4 +63,4 @@ def repair_none(
 def repair_reset_bn(
     params: None, merged: nn.Module, sources: list[nn.Module], weights: list[float], ctx: MergeContext
 ) -> nn.Module:
-    return reset_bn(merged, seeded_fit_batches(ctx))
+    return reset_bn(merged, ctx.seeded_fit_batches())

@@ -14,17 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergebench.align.spec import Transform, apply_transforms
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.avg import weighted_state
-from mergebench.merge.registry import STRATEGIES, Merged
-from mergebench.merge.reset_bn import has_batchnorm, reset_bn, seeded_fit_batches
+from mergebench.merge.avg import mean_model, uniform_weights
+from mergebench.merge.registry import STRATEGIES, Merged, Methods
+from mergebench.spec import Transform, apply_transforms
 
 
 @dataclasses.dataclass
 class StrategyParams:
-    """One schema for every strategy, so `merge.*` keys stay valid whichever strategy a sweep picks."""
+    """One schema for every strategy, so `strategy.*` keys stay valid whichever strategy a sweep picks."""
 
     rounds: int = 3  # merge_many: at most this many alignment rounds (stops early once no permutation changes)
     order_seed: int | None = None  # pairwise pairing / merge_many visiting order; null = the run's seed
@@ -32,15 +31,6 @@ class StrategyParams:
     def check(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"rounds={self.rounds} must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True)
-class Methods:
-    """The chosen aligner, aggregator and repair (config Components: name, factory, params)."""
-
-    align: Any
-    agg: Any
-    repair: Any
 
 
 def models_per_aggregation(strategy: str, num_models: int) -> int:
@@ -56,8 +46,8 @@ def check_combination(strategy: str, num_models: int, agg_name: str, agg_params:
         check(models_per_aggregation(strategy, num_models))
     except ConfigError as err:
         raise ConfigError(
-            f"agg.{err} (agg={agg_name}, merge.strategy={strategy}, data.num_models={num_models}; "
-            "merge.strategy=pairwise merges two at a time)"
+            f"agg.{err} (agg={agg_name}, strategy={strategy}, data.num_models={num_models}; "
+            "strategy=pairwise merges two at a time)"
         ) from None
 
 
@@ -92,7 +82,6 @@ def aggregate_and_repair(models: list[nn.Module], methods: Methods, ctx: MergeCo
     start = time.perf_counter()
     merged.model = methods.repair.factory(methods.repair.params, merged.model, models, merged.weights, ctx)
     merged.diagnostics["repair_s"] = time.perf_counter() - start
-    merged.sources = models
     return merged
 
 
@@ -102,6 +91,7 @@ def all_to_one(params: StrategyParams, models: list[nn.Module], methods: Methods
     aligned, diagnostics = align_to(models[0], models[1:], methods, ctx)
     merged = aggregate_and_repair(aligned, methods, ctx)
     merged.diagnostics = {**diagnostics, **merged.diagnostics}
+    merged.aligned_to_first = aligned
     return merged
 
 
@@ -133,22 +123,13 @@ def pairwise(params: StrategyParams, models: list[nn.Module], methods: Methods, 
             next_labels.append(labels[order[-1]])
         pool, labels = next_pool, next_labels
     diagnostics.update({"merges": merges, "merge_tree": labels[0]})
-    return Merged(pool[0], [1.0 / len(models)] * len(models), diagnostics, artifacts)
+    return Merged(pool[0], uniform_weights(len(models)), diagnostics, artifacts)
 
 
 def is_identity(transforms: dict[str, Transform]) -> bool:
     return all(
         t.perm is not None and torch.equal(t.perm.cpu(), torch.arange(t.perm.numel())) for t in transforms.values()
     )
-
-
-def mean_model(models: list[nn.Module], ctx: MergeContext) -> nn.Module:
-    """The plain average, with BatchNorm statistics recomputed so activation-based aligners see sensible units."""
-    avg = ctx.build_model()
-    avg.load_state_dict(weighted_state(models, [1.0 / len(models)] * len(models)))
-    if has_batchnorm(avg):
-        reset_bn(avg, seeded_fit_batches(ctx))
-    return avg.eval()
 
 
 @STRATEGIES.register("merge_many", StrategyParams)
@@ -164,7 +145,7 @@ def merge_many(params: StrategyParams, models: list[nn.Module], methods: Methods
         rounds_run += 1
         moved = False
         for i in torch.randperm(len(current), generator=gen).tolist():
-            ref = mean_model(current[:i] + current[i + 1 :], ctx)
+            ref = mean_model([m.state_dict() for m in current[:i] + current[i + 1 :]], ctx)
             current[i], result = align_one(ref, current[i], methods, ctx)
             moved = moved or not is_identity(result.transforms)
             diagnostics.update({f"align{i}_{k}": v for k, v in result.diagnostics.items()})

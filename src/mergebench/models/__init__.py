@@ -1,6 +1,6 @@
-"""Architectures, each with its permutation spec; importing this package registers them all."""
+"""Architectures, each with its permutation spec: every module here that registers with MODELS is one; the
+registry imports them when asked."""
 
-from mergebench.models import mlp, resnet, vgg
-from mergebench.models.registry import MODELS, ModelInput
+from mergebench.models.registry import MODELS, Architecture, ModelBuilder, ModelInput
 
-__all__ = ["MODELS", "ModelInput", "mlp", "resnet", "vgg"]
+__all__ = ["MODELS", "Architecture", "ModelBuilder", "ModelInput"]

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergebench.align.spec import PermutationSpec
 from mergebench.errors import ConfigError
+from mergebench.spec import PermutationSpec
 
 NORMS = ("bn", "layernorm", "none")
 

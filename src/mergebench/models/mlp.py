@@ -7,10 +7,10 @@ import itertools
 
 from torch import Tensor, nn
 
-from mergebench.align.spec import PermutationSpec
 from mergebench.errors import ConfigError
 from mergebench.models.layers import SpecBuilder, check_width_norm, make_norm
 from mergebench.models.registry import MODELS, ModelInput
+from mergebench.spec import PermutationSpec
 
 
 @dataclasses.dataclass

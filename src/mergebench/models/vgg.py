@@ -6,9 +6,9 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from mergebench.align.spec import PermutationSpec
 from mergebench.models.layers import SpecBuilder, check_width_norm, make_norm
 from mergebench.models.registry import MODELS, ModelInput
+from mergebench.spec import PermutationSpec
 
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 

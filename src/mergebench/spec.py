@@ -3,6 +3,8 @@
 A spec says, for every parameter and buffer, which permutation group acts on each axis (axis 0 is the
 output axis, the others are inputs), and which modules' outputs carry each group's units (probes, used by
 activation-based aligners and REPAIR). Every aligner returns one `Transform` per group it changes.
+
+A core type: models state their spec, aligners, strategies and REPAIR read it, so it imports nothing of mergebench.
 """
 
 from __future__ import annotations

@@ -1,0 +1,155 @@
+"""YM Table 1 ablation: which part of the base-model recipe moves the weight-matching cells at 45° and 90°.
+
+Each configuration is one factor changed from a reference recipe; its runs live under `ROOT/<name>_s<seed>/`
+(one multirun per seed, made by the command printed with `--commands`). This script gathers their results.csv
+rows into one CSV per configuration and a summary table (markdown and CSV):
+
+    python scripts/ym_table1_ablation.py ROOT --out docs/results/ym_table1_ablation
+    python scripts/ym_table1_ablation.py ROOT --commands    # the commands that make ROOT
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+import pandas as pd
+
+PAPER = {0.0: 98.49, 15.0: 97.53, 30.0: 94.69, 45.0: 89.68, 60.0: 80.33, 75.0: 74.19, 90.0: 70.86}  # YM Table 1, WM
+SGD = "train.optimizer=sgd train.lr=0.1 train.momentum=0.9 train.weight_decay=0 train.schedule=constant"
+UNIT = "data.dataset.normalize=unit"
+# the old preset's recipe (conf/train/mlp.yaml: Adam 1e-3, mean/std inputs), on which each factor is changed
+BASE = "experiment=ym_table1 train=mlp data.dataset.normalize=standard curve.points=0"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    factor: str
+    setting: str
+    overrides: str
+    angles: str = "45,90"
+
+
+CONFIGS = [
+    Config("adam_std_e20", "optimiser + normalisation", "Adam 1e-3, mean/std (the old preset)", ""),
+    Config("adam_unit_e20", "optimiser", "Adam 1e-3, x/255", UNIT),
+    Config("sgdm_const_std_e20", "normalisation", "SGD m0.9 lr 0.1 constant, mean/std", SGD),
+    Config(
+        "sgdm_const_unit_e20",
+        "reference",
+        "SGD m0.9 lr 0.1 constant, x/255, bilinear, 20 ep (YM's code; the new preset)",
+        f"{SGD} {UNIT}",
+        "45,60,90",
+    ),
+    Config("sgd_m0_const_unit_e20", "momentum", "SGD momentum 0", f"{SGD} train.momentum=0 {UNIT}"),
+    Config(
+        "sgdm_cos_unit_e20",
+        "schedule",
+        "SGD m0.9 warm-up 10 steps + cosine to 0 (Git Re-Basin's SGD)",
+        f"{SGD} train.schedule=warmup_cosine train.warmup_epochs=0.0834 {UNIT}",
+    ),
+    Config("sgdm_const_unit_e5", "epochs", "5 epochs", f"{SGD} {UNIT} train.epochs=5", "45,60,90"),
+    Config("sgdm_const_unit_e100", "epochs", "100 epochs (YM's length)", f"{SGD} {UNIT} train.epochs=100", "60"),
+    Config(
+        "sgdm_const_unit_nearest_e20",
+        "rotation",
+        "nearest instead of bilinear",
+        f"{SGD} {UNIT} data.interpolation=nearest",
+    ),
+    Config(
+        "sgdm_const_unit_wm5_e20",
+        "weight matching",
+        "5 random restarts, best objective kept (same base models as the reference)",
+        f"{SGD} {UNIT} align.restarts=5",
+    ),
+]
+COLUMNS = ["config", "scenario", "seed", "method_label", "model_role", "metric", "subset", "value", "wall_s"]
+
+
+def command(config: Config) -> str:
+    """BASE then the configuration's overrides, each key once (the last value wins, as on Hydra's command line)."""
+    pairs = dict(item.split("=", 1) for item in f"{BASE} data.angle={config.angles} {config.overrides}".split())
+    return " ".join(f"{k}={v}" for k, v in pairs.items())
+
+
+def angle_of(scenario: str) -> float:
+    match = re.search(r"angle=([-0-9.]+)", scenario)
+    return float(match.group(1)) if match else float("nan")
+
+
+def gather(root: Path, config: Config) -> pd.DataFrame | None:
+    frames = [pd.read_csv(p) for p in sorted(root.glob(f"{config.name}_s*/*/results.csv"))]
+    if not frames:
+        return None
+    rows = pd.concat(frames, ignore_index=True).assign(config=config.name)
+    rows = rows[rows.metric.isin(["top1", "loss"]) & rows.subset.isin(["test", "client_0", "client_1"])]
+    return rows[COLUMNS].sort_values(["scenario", "seed", "model_role", "metric", "subset"], kind="stable")
+
+
+def cell(values: pd.Series) -> str:
+    if len(values) == 1:
+        return f"{values.iloc[0]:.2f}"
+    return f"{values.mean():.2f} ± {values.std():.2f} (n={len(values)})"
+
+
+def summary(config: Config, rows: pd.DataFrame) -> dict[str, str]:
+    test = rows[rows.subset == "test"].assign(angle=lambda d: d.scenario.map(angle_of))
+    out = {"factor": config.factor, "setting": config.setting, "config": config.name}
+    for angle, paper in PAPER.items():
+        at = test[(test.angle == angle) & (test.metric == "top1")]
+        wm = at[at.model_role == "merged"].value
+        out[f"WM {angle:g}°"] = cell(wm) if len(wm) else "—"
+        out[f"Δ {angle:g}°"] = f"{wm.mean() - paper:+.2f}" if len(wm) else "—"
+        for role, name in (("base_0", "A"), ("base_1", "B")):
+            v = at[at.model_role == role].value
+            out[f"{name} {angle:g}°"] = f"{v.mean():.2f}" if len(v) else "—"
+    out["seeds"] = ",".join(str(s) for s in sorted(rows.seed.unique()))
+    return out
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """The summary as a markdown table, with a column group for each angle some configuration ran."""
+    angles = [a for a in PAPER if (table.get(f"WM {a:g}°", pd.Series(dtype=str)) != "—").any()]
+    cols = ["factor", "setting"]
+    for a in angles:
+        cols += [f"WM {a:g}°", f"Δ {a:g}°", f"A {a:g}°", f"B {a:g}°"]
+    cols.append("seeds")
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("root", type=Path, help="folder holding <config>_s<seed>/ multiruns")
+    parser.add_argument("--out", type=Path, help="where to write the CSVs and ablation.md")
+    parser.add_argument("--commands", action="store_true", help="print the command of every configuration")
+    args = parser.parse_args()
+    if args.commands:
+        for c in CONFIGS:
+            print(f"mergebench -m {command(c)} seed=$s hydra.sweep.dir={args.root}/{c.name}_s$s")
+        return
+    if args.out is None:
+        parser.error("--out is required unless --commands")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for config in CONFIGS:
+        found = gather(args.root, config)
+        if found is None:
+            continue
+        found.to_csv(args.out / f"{config.name}.csv", index=False)
+        if found.seed.nunique() > 1:  # the one-factor rows are seed 0: show this configuration's seed 0 beside them
+            seed0 = dataclasses.replace(config, setting=f"{config.setting}, seed 0 only")
+            rows.append(summary(seed0, found[found.seed == 0]))
+        rows.append(summary(config, found))
+    table = pd.DataFrame(rows)
+    table.to_csv(args.out / "ablation.csv", index=False)
+    (args.out / "ablation.md").write_text(markdown(table))
+    print(markdown(table))
+
+
+if __name__ == "__main__":
+    main()
