@@ -133,27 +133,31 @@ class ResultsCache:
         entry = self.root / key
         try:
             manifest = json.loads((entry / self.MANIFEST).read_text())
-            files = manifest["files"]
-            if any(file_digest(entry / name) != digest for name, digest in files.items()):
-                return None
-            lines = (entry / "results.csv").read_text().count("\n")
+            contents = {name: (entry / name).read_bytes() for name in manifest["files"]}
+            rows = int(manifest["rows"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-        if lines != manifest["rows"] + 1:
+        if any(_digest(data) != manifest["files"][name] for name, data in contents.items()):
             return None
-        for name in files:
-            data = (entry / name).read_bytes()
+        if contents.get("results.csv", b"").count(b"\n") != rows + 1:
+            return None
+        for name, data in contents.items():
             atomic_write_bytes(out_dir / name, lambda f, data=data: f.write(data))
-        return int(manifest["rows"])
+        return rows
 
     def store(self, key: str, out_dir: Path, rows: int) -> None:
         """Snapshot the run's files (everything but Hydra's own folder and logs) as the entry for `key`."""
-        names = sorted(
-            p.name for p in out_dir.iterdir() if p.is_file() and not p.name.startswith(".") and p.suffix != ".log"
-        )
+        contents = {
+            p.name: p.read_bytes()
+            for p in sorted(out_dir.iterdir())
+            if p.is_file() and not p.name.startswith(".") and p.suffix != ".log"
+        }
         entry = self.root / key
-        for name in names:
-            data = (out_dir / name).read_bytes()
+        for name, data in contents.items():
             atomic_write_bytes(entry / name, lambda f, data=data: f.write(data))
-        manifest = {"rows": rows, "files": {name: file_digest(entry / name) for name in names}}
+        manifest = {"rows": rows, "files": {name: _digest(data) for name, data in contents.items()}}
         atomic_write_text(entry / self.MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

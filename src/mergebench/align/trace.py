@@ -208,8 +208,13 @@ class _Builder:
                 self.warn(node, f"{key} could not be analysed ({type(err).__name__}: {err}): its axes stay unpermuted")
         elif rule is None:
             self.warn(node, f"{key} is not a known op: its axes stay unpermuted")
-        for a in node.all_input_nodes:  # unknown, or a known op that returned no single tensor here
+        return self.unpermutable(node)  # unknown, or a known op that returned no single tensor here
+
+    def unpermutable(self, node: fx.Node) -> list[Dim] | None:
+        """An op whose channels cannot be followed: every input axis and the output stay unpermuted."""
+        for a in node.all_input_nodes:
             self._fix_all(a)
+        shape = self.shapes.get(node)
         return None if shape is None else [FIXED] * len(shape)
 
     def _fix_all(self, arg: Any) -> None:
@@ -553,21 +558,17 @@ def _param_of(b: _Builder, a: Any) -> list[int] | None:
     return None
 
 
-def _f_linear(b: _Builder, node: fx.Node) -> list[Dim]:
+def _f_linear(b: _Builder, node: fx.Node) -> list[Dim] | None:
     weight = _param_of(b, b.arg(node, 1, "weight"))
     if weight is None:
-        for a in node.all_input_nodes:
-            b._fix_all(a)
-        return [FIXED] * len(b.shapes[node])
+        return b.unpermutable(node)
     return _linear_core(b, node, node.args[0], weight, _param_of(b, b.arg(node, 2, "bias")))
 
 
-def _f_conv(b: _Builder, node: fx.Node) -> list[Dim]:
+def _f_conv(b: _Builder, node: fx.Node) -> list[Dim] | None:
     weight = _param_of(b, b.arg(node, 1, "weight"))
     if weight is None:
-        for a in node.all_input_nodes:
-            b._fix_all(a)
-        return [FIXED] * len(b.shapes[node])
+        return b.unpermutable(node)
     groups = b.arg(node, 6, "groups", 1)
     w_shape = b.shape(b.arg(node, 1, "weight"))
     return _conv_core(b, node, node.args[0], weight, w_shape, _param_of(b, b.arg(node, 2, "bias")), groups)
