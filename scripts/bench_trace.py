@@ -1,12 +1,13 @@
 """Tracing + verification benchmark (CPU): both run on every merge, so they must cost well under a second.
 
 For a torchvision-style ResNet-18 (×1, 32×32 inputs) and the built-in ResNet20×16 (traced, not its hand-written
-spec): the median wall time of `trace_spec` and of `verify_spec` on one batch of VERIFY_BATCH inputs (four forwards:
-eval and train, original and permuted), after one warm-up call (the first forward of a fresh process pays for
-kernel setup). Then, for every architecture of tests/user_models.py at test widths, the table of the closing note:
-groups found, groups with a probe, function preserved (max |Δlogit| / max |logit| under a random permutation of
-the traced spec), planted permutation recovered by weight matching, trace time. Figures go to
-outputs/bench/bench_trace.json.
+spec): the median wall time of `trace_spec` and of `verify_spec` on one batch of VERIFY_BATCH inputs, cropped as a
+merge crops them (`verification_input`; four forwards: eval and train, original and permuted), after one warm-up
+call (the first forward of a fresh process pays for kernel setup). ResNet20×16 has 74M parameters: each forward
+reads 300 MB of weights whatever the batch, so its check is bound by memory bandwidth, not by the input size.
+Then, for every architecture of tests/user_models.py at test widths, the table of the closing note: groups found,
+groups with a probe, function preserved (max |Δlogit| / max |logit| under a random permutation of the traced
+spec), planted permutation recovered by weight matching, trace time. Figures go to outputs/bench/bench_trace.json.
 
     python scripts/bench_trace.py [--repeats 5] [--threads 1]
 """
@@ -26,7 +27,7 @@ from rich.table import Table
 from torch import nn
 
 from mergebench.align.trace import trace_spec
-from mergebench.align.verify import VERIFY_BATCH, verify_spec
+from mergebench.align.verify import VERIFY_BATCH, verification_input, verify_spec
 from mergebench.align.weight_matching import weight_matching
 from mergebench.bench_record import write_record
 from mergebench.models import MODELS, ModelInput
@@ -54,6 +55,8 @@ TABLE: dict[str, Callable[[], nn.Module]] = {
     "ConvNeXtStyle": lambda: user_models.ConvNeXtStyle(width=8, kernel=3),
     "MixerStyle": lambda: user_models.MixerStyle(width=8),
     "ViTStyle": lambda: user_models.ViTStyle(width=8),
+    "VGGFlattenStyle": lambda: user_models.VGGFlattenStyle(width=8),
+    "DenseNetStyle": lambda: user_models.DenseNetStyle(width=8),
 }
 
 
@@ -116,7 +119,9 @@ def main() -> None:
         model = build().eval()
         spec = trace_spec(model, x).spec
         trace_s = timed(lambda model=model, x=x: trace_spec(model, x), args.repeats)
-        verify_s = timed(lambda model=model, spec=spec, x=x: verify_spec(model, spec, x), args.repeats)
+        verify_s = timed(
+            lambda model=model, spec=spec, x=x: verify_spec(model, spec, verification_input(model, x)), args.repeats
+        )
         timing.add_row(name, str(len(spec.groups)), f"{trace_s:.3f}", f"{verify_s:.3f}", f"{trace_s + verify_s:.3f}")
         for figure, value in (("trace", trace_s), ("verify", verify_s), ("trace+verify", trace_s + verify_s)):
             figures.append({"figure": f"{figure} {name}", "value": value, "unit": "s", "batch": VERIFY_BATCH})

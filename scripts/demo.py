@@ -1,6 +1,7 @@
 """`make demo`: offline, CPU, embedded digits. Trains two MLPs on disjoint class halves, merges them with Direct
-averaging, Permute, Weight Matching, CCA Merge, NP-P and Finetune-P, and prints one table. Each row is a real
-`mergebench` run (same configs, same code); the base models are trained once per setting and cached."""
+averaging, Permute, Weight Matching, CCA Merge, OT fusion, ZipIt!, C2M3, NP-P, Finetune-P, Fisher merging and a
+learned soup, and prints one table. Each row is a real `mergebench` run (same configs, same code); the base models
+are trained once per setting and cached."""
 
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ METHODS = [
     ["align=cca", "agg=avg"],
     ["align=permute", "agg=np"],
     ["align=permute", "agg=finetune"],
+    ["align=permute", "agg=fisher"],
+    ["align=permute", "agg=soup"],
+    ["align=ot", "agg=avg"],
+    ["align=zipit", "agg=avg"],
+    ["strategy=c2m3", "agg=avg"],
 ]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -65,7 +66,44 @@ CONFIGS = [
         "5 random restarts, best objective kept (same base models as the reference)",
         f"{SGD} {UNIT} align.restarts=5",
     ),
+    # current code (the rows above ran the weight matching of commit e72a88e: descent from the identity)
+    Config(
+        "std_sweep_e20",
+        "normalisation (current code)",
+        "SGD m0.9 lr 0.1 constant, mean/std inputs, current weight matching (align.start=sweep)",
+        f"{SGD} data.dataset.normalize=standard",
+        "45,60,75,90",
+    ),
+    Config(
+        "wm_identity_e20",
+        "weight-matching start (current code)",
+        "align.start=identity: Git Re-Basin's and YM's descent (identity start, random group order, no sweep)",
+        f"{SGD} {UNIT} align.start=identity",
+        "0,15,30,45,60,75,90",
+    ),
+    Config(
+        "shared_init_e20",
+        "initialisation (current code)",
+        "model B initialised and shuffled like model A (train.init_seed = seed, as YM's code: both seed 0)",
+        f"{SGD} {UNIT} ++train.init_seed=$s",
+        "45,60,75,90",
+    ),
+    Config(
+        "shared_init_wm_identity_e20",
+        "initialisation + start (current code)",
+        "shared initialisation and align.start=identity (YM's code on both counts)",
+        f"{SGD} {UNIT} ++train.init_seed=$s align.start=identity",
+        "45,60,75,90",
+    ),
 ]
+# the current preset's YM Table 1 runs (--preset DIR): weight matching with align.start=sweep, the default
+PRESET = Config(
+    "preset_sweep_e20",
+    "weight-matching start (current code)",
+    "align.start=sweep (the default: input-to-output sweep, then descent); the YM Table 1 runs of the preset",
+    "",
+    "0,15,30,45,60,75,90",
+)
 COLUMNS = ["config", "scenario", "seed", "method_label", "model_role", "metric", "subset", "value", "wall_s"]
 
 
@@ -80,13 +118,42 @@ def angle_of(scenario: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def gather(root: Path, config: Config) -> pd.DataFrame | None:
-    frames = [pd.read_csv(p) for p in sorted(root.glob(f"{config.name}_s*/*/results.csv"))]
+def read_runs(root: Path, config: Config, preset: Path | None = None) -> pd.DataFrame | None:
+    paths = (
+        sorted(preset.rglob("results.csv"))
+        if preset is not None
+        else sorted(root.glob(f"{config.name}_s*/*/results.csv"))
+    )
+    frames = [pd.read_csv(p) for p in paths]
     if not frames:
         return None
-    rows = pd.concat(frames, ignore_index=True).assign(config=config.name)
+    return pd.concat(frames, ignore_index=True).assign(config=config.name)
+
+
+def gather(rows: pd.DataFrame) -> pd.DataFrame:
     rows = rows[rows.metric.isin(["top1", "loss"]) & rows.subset.isin(["test", "client_0", "client_1"])]
     return rows[COLUMNS].sort_values(["scenario", "seed", "model_role", "metric", "subset"], kind="stable")
+
+
+def wm_diagnostics(rows: pd.DataFrame) -> pd.DataFrame:
+    """Weight matching's objective, passes and winning restart per (angle, seed), from the merged rows."""
+    merged = rows[(rows.model_role == "merged") & rows.diagnostics.notna()].drop_duplicates(["scenario", "seed"])
+    out = []
+    for r in merged.itertuples():
+        diag = json.loads(r.diagnostics)
+        history = diag.get("align_history") or [None]
+        out.append(
+            {
+                "config": r.config,
+                "angle": angle_of(r.scenario),
+                "seed": r.seed,
+                "wm_objective": diag.get("align_objective"),
+                "wm_objective_at_start": history[0],  # the identity; a random permutation for restart > 0
+                "wm_passes": diag.get("align_passes"),
+                "wm_restart": diag.get("align_restart"),
+            }
+        )
+    return pd.DataFrame(out)
 
 
 def cell(values: pd.Series) -> str:
@@ -110,12 +177,13 @@ def summary(config: Config, rows: pd.DataFrame) -> dict[str, str]:
     return out
 
 
-def markdown(table: pd.DataFrame) -> str:
-    """The summary as a markdown table, with a column group for each angle some configuration ran."""
+def markdown(table: pd.DataFrame, bases: bool = True) -> str:
+    """The summary as a markdown table, with a column group for each angle some configuration ran (the merged model
+    and its Δ, and with `bases` the two base models)."""
     angles = [a for a in PAPER if (table.get(f"WM {a:g}°", pd.Series(dtype=str)) != "—").any()]
     cols = ["factor", "setting"]
     for a in angles:
-        cols += [f"WM {a:g}°", f"Δ {a:g}°", f"A {a:g}°", f"B {a:g}°"]
+        cols += [f"WM {a:g}°", f"Δ {a:g}°"] + ([f"A {a:g}°", f"B {a:g}°"] if bases else [])
     cols.append("seeds")
     lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for _, r in table.iterrows()]
@@ -127,6 +195,7 @@ def main() -> None:
     parser.add_argument("root", type=Path, help="folder holding <config>_s<seed>/ multiruns")
     parser.add_argument("--out", type=Path, help="where to write the CSVs and ablation.md")
     parser.add_argument("--commands", action="store_true", help="print the command of every configuration")
+    parser.add_argument("--preset", type=Path, help="the current preset's YM Table 1 multirun (align.start=sweep)")
     args = parser.parse_args()
     if args.commands:
         for c in CONFIGS:
@@ -135,11 +204,14 @@ def main() -> None:
     if args.out is None:
         parser.error("--out is required unless --commands")
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for config in CONFIGS:
-        found = gather(args.root, config)
-        if found is None:
+    rows, diagnostics = [], []
+    configs = [(c, None) for c in CONFIGS] + ([(PRESET, args.preset)] if args.preset is not None else [])
+    for config, preset in configs:
+        runs = read_runs(args.root, config, preset)
+        if runs is None:
             continue
+        diagnostics.append(wm_diagnostics(runs))
+        found = gather(runs)
         found.to_csv(args.out / f"{config.name}.csv", index=False)
         if found.seed.nunique() > 1:  # the one-factor rows are seed 0: show this configuration's seed 0 beside them
             seed0 = dataclasses.replace(config, setting=f"{config.setting}, seed 0 only")
@@ -147,8 +219,11 @@ def main() -> None:
         rows.append(summary(config, found))
     table = pd.DataFrame(rows)
     table.to_csv(args.out / "ablation.csv", index=False)
+    diag = pd.concat(diagnostics, ignore_index=True).sort_values(["config", "angle", "seed"], kind="stable")
+    diag.to_csv(args.out / "wm_diagnostics.csv", index=False)
     (args.out / "ablation.md").write_text(markdown(table))
-    print(markdown(table))
+    (args.out / "ablation_compact.md").write_text(markdown(table, bases=False))
+    print(markdown(table, bases=False))
 
 
 if __name__ == "__main__":

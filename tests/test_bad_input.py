@@ -87,6 +87,16 @@ CASES: list[tuple[str, Setup, str]] = [
         lambda t: ["-m", "data=split_classes", "data.num_models=2,3", "data.classes=[[0,1],[2,3]]"],
         "data.classes=[[0, 1], [2, 3]] must be 3 disjoint lists",
     ),
+    (
+        "partial-zip-pairwise",
+        lambda t: ["align=zipit", "align.stop_at=h0", "strategy=pairwise", "data.num_models=4"],
+        "align.stop_at (partial zipping) leaves one head per model",
+    ),
+    (
+        "c2m3-with-an-aligner",
+        lambda t: ["strategy=c2m3", "align=permute"],
+        "strategy=c2m3 matches the models itself (data-free, all at once) and would ignore align=permute",
+    ),
     ("sweep-trailing-comma", lambda t: ["-m", "seed=0,"], "a sweep ends with a comma; list values as seed=a,b"),
     ("path-special-characters", lambda t: ["data.root=/tmp/a b(1)"], "quote a value with spaces"),
     ("path-non-ascii", lambda t: ["data.root=/tmp/données ünï"], "quote a value with spaces"),

@@ -161,3 +161,20 @@ def test_real_mnist_dirichlet_run(tmp_path: Path, shared_data: Path) -> None:
     assert (top5 >= top1.reindex(top5.index)).all()
     manifest = (next((tmp_path / "outputs" / "runs").glob("*/*")) / "split_manifest.json").read_text()
     assert '"train_pool": 6000' in manifest and '"test": 2000' in manifest
+
+
+def test_the_check_and_the_jobs_read_each_dataset_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pre-flight check builds every split of the sweep; the jobs the basic launcher runs in the same process
+    reuse what it read instead of reading the files again."""
+    from mergebench import run as run_module
+
+    reads: list[str] = []
+    real = run_module.load_dataset
+    monkeypatch.setattr(run_module, "load_dataset", lambda name, *rest: reads.append(name) or real(name, *rest))
+    monkeypatch.setattr(cli_module, "LOADED", {})
+    monkeypatch.chdir(tmp_path)
+    args = ["-m", "align=identity,permute", *SMALL, "train.epochs=1", f"cache_dir={tmp_path / 'cache'}"]
+    monkeypatch.setattr(sys, "argv", ["mergebench", *args])
+    cli_module.main()
+    assert reads == ["digits"]
+    assert len(list((tmp_path / "outputs" / "multirun").glob("*/*/*/results.csv"))) == 2

@@ -77,6 +77,15 @@ def test_every_job_of_every_preset_validates(name: str) -> None:
             validate(compose("config", overrides=[f"experiment={name}", *(f"{k}={v}" for k, v in job.items())]))
 
 
+def test_ym_presets_have_the_papers_rows() -> None:
+    """YM Table 2's ZipIt! and Coreset AB rows, and YM Table 8's three rows, are run by the presets."""
+    assert "zipit" in sweep_params("ym_table2")["method"]
+    assert set(sweep_params("ym_table8")["method"]) == {"ste", "ste_coreset50", "zipit"}
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = compose("config", overrides=["experiment=ym_table2"])
+    assert cfg.references.coreset and cfg.references.joint
+
+
 # Smoke runs cover every method of a preset on one setting; the sweep dimension we cut is named here (every one
 # of its values is still composed and validated above). Budget: ~50 smoke runs for the whole `slow` set.
 SMOKE_SUBSET = {
@@ -87,6 +96,7 @@ SMOKE_SUBSET = {
     # 8 models: pairwise NP (7 merges) vs all-to-one; CCA (minutes for 7 maps on a CPU) runs in the np_table* presets
     "np_fig1": ["data=dirichlet", "data.num_models=8", "method=np_p_pairwise,permute"],
     "ym_table2": ["method=weight_matching,ste_coreset"],  # all four scenarios (USPS and CIFAR readers included)
+    "ym_table8": ["method=ste_coreset50,zipit"],  # STE on all the merge data runs in ym_table2/ym_table3
 }
 
 
@@ -112,5 +122,7 @@ def test_preset_runs_with_smoke(name: str, fake_root: Path, tmp_path: Path) -> N
     table = pd.read_csv(sweep / "tables" / f"{paper}.csv", index_col=0)
     ours = [c for c in table.columns if not c.endswith((" paper", " Δ"))]
     assert (table[ours] != "—").any(axis=None), table  # our runs filled cells of the paper's layout
+    if name == "ym_table2":  # the ste_coreset jobs merge on a coreset: the Coreset AB reference is trained there
+        assert (table.loc["Coreset AB", ours] != "—").any(), table
     if name == "ym_table1":  # smoke keeps a 3-point interpolation curve per run
         assert {p.name for p in (sweep / "tables").glob("*.png")} == {"interpolation.png", "accuracy_vs_angle.png"}

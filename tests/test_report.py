@@ -7,9 +7,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from hydra import compose, initialize_config_dir
 
+import mergebench.run as pipeline
+from mergebench.cli import CONF_DIR
+from mergebench.config import validate
+from mergebench.data.merge_data import MergeData, select_merge_data
+from mergebench.data.splits import Scenario
 from mergebench.report import LAYOUTS, build_table, main, paper_values, wide
-from mergebench.results import COLUMNS
+from mergebench.results import COLUMNS, method_label
+from mergebench.train import BaseModelRequest
 
 
 def row(**kw) -> dict:
@@ -180,3 +188,77 @@ def test_our_extra_rows_go_where_the_papers_put_them() -> None:
     table = wide(build_table(df, LAYOUTS["ym_table1"], paper_values("ym_table1")), planned=1)
     assert list(table.index) == ["Model A", "Ensemble", "Weight Matching"]
     assert table.loc["Ensemble", "0° paper"] == "—"
+
+
+def test_ym_table2_fills_zipit_and_coreset_rows_beside_the_paper() -> None:
+    common = dict(seed=0, split="rotated", **rotated(90.0), dataset="mnist", arch="mlp", width=1.0)
+    rows = [
+        row(method_label="ZipIt!", align="zipit", agg="avg", value=71.0, **common),
+        row(method_label="Coreset", model_role="coreset", merge_data="union/10pc", value=66.0, **common),
+        row(method_label="Joint", model_role="joint", value=98.0, **common),
+    ]
+    table = wide(build_table(pd.DataFrame(rows, columns=COLUMNS), LAYOUTS["ym_table2"], paper_values("ym_table2")), 1)
+    assert table.loc["ZipIt!", "MNIST-RMNIST(90°)"] == "71.00 ± 0.00"
+    assert table.loc["ZipIt!", "MNIST-RMNIST(90°) Δ"] == f"{71.0 - 71.35:+.2f}"
+    assert table.loc["Coreset AB", "MNIST-RMNIST(90°)"] == "66.00 ± 0.00"
+    assert table.loc["Coreset AB", "MNIST-FMNIST paper"] == "66.03"
+    order = list(table.index)
+    assert order.index("Ensemble") < order.index("Coreset AB") < order.index("Naïve") < order.index("ZipIt!")
+
+
+def test_ym_table8_has_ste_full_coreset_and_zipit() -> None:
+    common = dict(seed=0, split="split_classes", dataset="cifar100", arch="resnet20", width=16.0)
+    rows = [
+        row(method_label="STE", align="ste", agg="avg", value=60.0, **common),
+        row(method_label="STE", align="ste", agg="avg", merge_data="union/50pc", value=58.0, **common),
+        row(method_label="ZipIt!", align="zipit", agg="avg", value=30.0, **common),
+    ]
+    table = wide(build_table(pd.DataFrame(rows, columns=COLUMNS), LAYOUTS["ym_table8"], paper_values("ym_table8")), 1)
+    assert list(table.index) == ["STE (Full)", "STE (Coreset)", "ZipIt!"]
+    assert list(table["SPLIT-CIFAR100"]) == ["60.00 ± 0.00", "58.00 ± 0.00", "30.00 ± 0.00"]
+    assert list(table["SPLIT-CIFAR100 paper"]) == ["62.94", "60.52", "27.90"]
+
+
+def test_coreset_reference_trains_on_exactly_the_merge_data_and_fills_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trained: dict[str, torch.Tensor] = {}
+
+    def recording(request: BaseModelRequest, *args: object) -> tuple:
+        """train_or_load, noting which examples each model is trained on."""
+        trained[request.label] = request.indices.cpu()
+        return train_or_load(request, *args)
+
+    train_or_load = pipeline.train_or_load
+    monkeypatch.setattr(pipeline, "train_or_load", recording)
+
+    def run(per_class: str) -> tuple[pd.DataFrame, Scenario, MergeData]:
+        trained.clear()
+        overrides = ["data=split_classes", "model.hidden=[16]", "train.epochs=1", "references.coreset=true"]
+        overrides += [f"merge_data.per_class={per_class}", f"cache_dir={tmp_path / 'cache'}"]
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = validate(compose("config", overrides=overrides))
+        out = tmp_path / per_class
+        out.mkdir()
+        df = pipeline.run(cfg, out)
+        scenario = pipeline.build_scenario(cfg)
+        return df, scenario, select_merge_data(scenario, cfg.merge_data)
+
+    df, scenario, merge = run("5")
+    expected = torch.cat([merge.fit, merge.val]).sort().values
+    assert torch.equal(trained["coreset"], expected) and merge.val.numel() > 0
+    assert torch.bincount(scenario.train.y[expected], minlength=10).tolist() == [5] * 10
+    coreset = df[df.model_role == "coreset"]
+    assert set(coreset.method_label) == {"Coreset"} and coreset.value.notna().all()
+    table = wide(build_table(df, LAYOUTS["ym_table2"], paper_values("ym_table2")), planned=1)
+    assert table.loc["Coreset AB", "SPLIT-digits"] != "—"
+
+    df, _, _ = run("null")  # all the merge data is no coreset: no such reference
+    assert "coreset" not in trained and "coreset" not in set(df.model_role)
+
+
+def test_a_strategy_that_matches_by_itself_names_the_merge() -> None:
+    assert method_label("identity", "avg", "none", "c2m3") == "C2M3"
+    assert method_label("permute", "np", "repair", "c2m3") == "NP-C2M3 + REPAIR"
+    assert method_label("permute", "np", "reset_bn", "pairwise") == "NP-P"
+    assert method_label("permute", "fisher", "none") == "Fisher-P" and method_label("ot", "soup", "none") == "Soup-OT"

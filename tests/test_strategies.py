@@ -141,7 +141,8 @@ def test_every_aligner_aggregator_and_strategy_combination_merges(align: str, ag
 def test_unknown_strategy_and_bad_rounds_fail_clearly() -> None:
     from mergebench.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"^strategy='star' is not known; allowed: all_to_one, merge_many, pairwise"):
+    allowed = "all_to_one, c2m3, merge_many, pairwise"
+    with pytest.raises(ConfigError, match=rf"^strategy='star' is not known; allowed: {allowed}"):
         STRATEGIES.parse({"name": "star"}, "strategy")
     with pytest.raises(ConfigError, match=r"^strategy.rounds=0 must be >= 1"):
         STRATEGIES.parse({"name": "merge_many", "rounds": 0}, "strategy")

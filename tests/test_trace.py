@@ -9,14 +9,21 @@ import pytest
 import torch
 from torch import nn
 
+import mergebench
 from mergebench.align.activations import activation_stats
 from mergebench.align.permute import correlation_matching
 from mergebench.align.trace import TraceError, model_spec, trace_spec
-from mergebench.align.verify import SpecMismatchError, moving_permutations, verify_spec
+from mergebench.align.verify import (
+    SpecMismatchError,
+    checked_spec,
+    moving_permutations,
+    verification_input,
+    verify_spec,
+)
 from mergebench.align.weight_matching import weight_matching
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
-from mergebench.spec import PermutationSpec, Transform, apply_transforms, random_permutations
+from mergebench.spec import Part, PermutationSpec, Transform, apply_transforms, random_permutations
 from tests import user_models
 
 BUILT_IN = [
@@ -32,10 +39,16 @@ USER = {
     "convnext_style": (user_models.ConvNeXtStyle, {"width": 8, "kernel": 3}),
     "mixer_style": (user_models.MixerStyle, {"width": 8}),
     "vit_style": (user_models.ViTStyle, {"width": 8}),
+    "vgg_flatten_style": (user_models.VGGFlattenStyle, {"width": 8}),
+    "densenet_style": (user_models.DenseNetStyle, {"width": 8}),
 }
-# every group, and which ones activation statistics can reach (a module output with the group on dim 1)
-EXPECTED_GROUPS = {"resnet18_style": 12, "mobilenetv2_style": 9, "convnext_style": 6, "mixer_style": 5, "vit_style": 3}
-EXPECTED_PROBED = {"resnet18_style": 12, "mobilenetv2_style": 9, "convnext_style": 2, "mixer_style": 1, "vit_style": 1}
+# every group; activation statistics reach all of them (channels-last maps and tokens through `probe_axes`)
+EXPECTED_GROUPS = {
+    **{"resnet18_style": 12, "mobilenetv2_style": 9, "convnext_style": 6, "mixer_style": 5, "vit_style": 3},
+    **{"vgg_flatten_style": 3, "densenet_style": 5},
+}
+# groups whose probes read the units on the last axis (channels-last maps, tokens)
+EXPECTED_LAST_AXIS = {"convnext_style": 6, "mixer_style": 5, "vit_style": 3}
 
 
 def build_builtin(name: str, params: dict, channels: int, size: int, norm: str) -> nn.Module:
@@ -91,7 +104,9 @@ def test_random_permutation_of_traced_spec_keeps_function(arch: str) -> None:
     traced = trace_spec(model, x)
     assert traced.warnings == []
     assert len(traced.spec.groups) == EXPECTED_GROUPS[arch]
-    assert len(traced.spec.probes) == EXPECTED_PROBED[arch]
+    assert set(traced.spec.probes) == set(traced.spec.groups)
+    last = {g for g, probes in traced.spec.probes.items() if any(p in traced.spec.probe_views for p in probes)}
+    assert len(last) == EXPECTED_LAST_AXIS.get(arch, 0)
     check = verify_spec(model, traced.spec, x, seed=3)
     assert check.groups == EXPECTED_GROUPS[arch]
     assert max(check.max_diff.values()) <= 1e-4 * check.scale
@@ -131,11 +146,10 @@ def test_permute_recovers_planted_permutation_of_every_probed_group(arch: str) -
     model_a, model_b, spec, x, plant = planted(arch)
     stats = activation_stats(spec, model_a, model_b, [(x * 2 + 1, None)])  # the data the BatchNorms were warmed on
     found, _ = correlation_matching(stats)
-    assert set(found) == set(spec.probes)
+    assert set(found) == set(spec.groups)
     for group, transform in found.items():  # plant[i] = A's unit at B's position i, so B's unit inverse[i] is A's i
         assert torch.equal(transform.perm, torch.argsort(plant[group].perm)), group
-    if set(found) == set(spec.groups):
-        assert_recovers(model_a, model_b, spec, found)
+    assert_recovers(model_a, model_b, spec, found)
 
 
 def test_a_spec_missing_one_axis_is_caught_by_the_verification() -> None:
@@ -194,15 +208,48 @@ def test_unknown_op_leaves_its_axes_unpermuted_and_is_named() -> None:
     assert info["spec"] == "traced" and any("cumsum" in str(w.message) for w in caught)
 
 
-def test_flatten_of_a_spatial_map_into_linear_keeps_that_group_unpermuted() -> None:
+def test_flatten_of_a_spatial_map_into_linear_makes_c_blocks_of_hw() -> None:
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5), nn.ReLU(), nn.Linear(5, 2)
     )
     traced = trace_spec(model, torch.randn(2, 1, 8, 8))
-    assert traced.spec.groups == ["3"]
-    assert traced.spec.axes["0.weight"] == (None, None, None, None)
-    assert any("flattened C×H×W" in w for w in traced.warnings)
+    assert traced.spec.groups == ["0", "3"] and traced.warnings == []
+    assert traced.spec.axes["3.weight"] == ("3", None)
+    assert traced.spec.parts["3.weight"] == {1: (Part("0", 0, 4, 36),)}
     verify_spec(model, traced.spec, torch.randn(2, 1, 8, 8))
+
+
+def test_cat_along_channels_makes_one_part_per_input() -> None:
+    """A conv over cat([a, b]) reads a's units then b's; a channel of the input image in the cat stays fixed."""
+
+    class TwoBranches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 5, 1)
+            self.norm = nn.BatchNorm2d(12)
+            self.out = nn.Conv2d(12, 6, 1)
+            self.head = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.norm(torch.cat([self.a(x), x, self.b(x)], dim=1)))
+            return self.head(self.out(y).mean((2, 3)))
+
+    model = TwoBranches()
+    traced = trace_spec(model, torch.randn(2, 3, 8, 8))
+    parts = (Part("a", 0, 4), Part(None, 4, 3), Part("b", 7, 5))
+    assert traced.spec.parts["out.weight"] == {1: parts}
+    assert traced.spec.parts["norm.running_var"] == {0: parts}
+    assert traced.spec.axes["out.weight"] == ("out", None, None, None)
+    verify_spec(warmed(model, torch.randn(8, 3, 8, 8)), traced.spec, torch.randn(4, 3, 8, 8))
+
+
+def test_a_part_left_out_of_the_spec_is_caught_by_the_verification() -> None:
+    model = warmed(user_models.DenseNetStyle(width=8), torch.randn(8, 3, 8, 8))
+    spec = trace_spec(model, torch.randn(2, 3, 8, 8)).spec
+    parts = dict(spec.parts)
+    del parts["head.weight"]  # the flattened cat into the head forgotten
+    with pytest.raises(SpecMismatchError, match=r"transition\.2|block2\.conv"):
+        verify_spec(model, PermutationSpec(spec.axes, spec.probes, parts), torch.randn(4, 3, 8, 8))
 
 
 def test_tied_weights_share_their_axes() -> None:
@@ -248,3 +295,37 @@ def test_a_relu_module_called_twice_changes_probes_not_groups() -> None:
     inner = [g for g in shared.groups if g.endswith("conv1") and g != "conv1"]
     assert all(shared.probes[g] == (g.replace("conv1", "bn1"),) for g in inner)
     assert shared.probes["layer2.0.conv2"] == ("layer2.0.downsample.1", "layer2.0.bn2", "layer2.1.bn2")
+
+
+def test_verification_runs_on_a_crop_only_where_the_logits_keep_their_shape() -> None:
+    """Fully convolutional nets are checked on an 8×8 crop (a permutation acts on channels, not positions); a
+    flatten into a fixed-size Linear or a positional embedding keeps the full image."""
+    x = torch.randn(4, 3, 32, 32)
+    resnet = build_builtin("resnet20", {"width": 1.0}, 3, 32, "bn")
+    crop = verification_input(resnet, x)
+    assert crop.shape == (4, 3, 8, 8) and torch.equal(crop, x[:, :, 12:20, 12:20])
+    mlp = build_builtin("mlp", {"hidden": [16]}, 3, 32, "none")
+    assert verification_input(mlp, x) is x
+    assert verification_input(user_models.ViTStyle(width=8), torch.randn(4, 3, 16, 16)).shape[-1] == 16
+    spec, info = checked_spec([resnet, build_builtin("resnet20", {"width": 1.0}, 3, 32, "bn")], x, 10, seed=0)
+    assert info["verify_input"] == [4, 3, 8, 8] and spec == resnet.permutation_spec()
+
+
+@pytest.mark.parametrize("method", ["permute", "weight_matching", "zipit", "ot", "c2m3"])
+@pytest.mark.parametrize("arch", list(USER))
+def test_merging_a_planted_copy_gives_model_a_back(arch: str, method: str) -> None:
+    """Through `mergebench.merge` (traced spec, verification, aligner or strategy, average): B = A under a random
+    permutation merges back into A's function, for methods reading weights, activations on dim 1 or channels-last
+    (probe views), and through axes made of parts (flatten, cat)."""
+    model_a, model_b, _, x, _ = planted(arch)
+    data = (x * 2 + 1, torch.randint(0, 10, (len(x),)))
+    options = {
+        "zipit": {"align": "zipit", "align_params": {"alpha": 0.3, "beta": 0.0}},
+        "c2m3": {"align": "identity", "strategy": "c2m3"},
+    }.get(method, {"align": method})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        merged, info = mergebench.merge([model_a, model_b], data=data, **options)
+    assert info["spec"] == "traced"
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), model_a(x), rtol=1e-5, atol=1e-5)

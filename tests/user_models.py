@@ -10,6 +10,11 @@ their specs come from tracing. Each factory takes `in_channels`, `num_classes` a
 - ViTStyle: pre-norm transformer blocks with multi-head attention; the heads are left unpermuted by the tracer
   (the q/k/v and attention-output axes split into heads, which it does not permute), the residual stream and the
   MLP's hidden units are permuted.
+- VGGFlattenStyle: the classic VGG/AlexNet classifier: conv stack, then a C×H×W map flattened into a Linear
+  (the Linear's input axis is C blocks of H·W); LeakyReLU in the classifier, so that no hidden unit is dead on the
+  tests' random inputs (two dead units have equal activations: no activation statistic can tell them apart).
+- DenseNetStyle: dense blocks (each layer's output concatenated to its input along channels; BatchNorm and a 1×1
+  conv over the concatenation), a transition, and a concatenation flattened into the Linear head.
 """
 
 from __future__ import annotations
@@ -228,6 +233,57 @@ class ViTStyle(nn.Module):
         x = self.patch(x).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class VGGFlattenStyle(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * 4, 4 * width), nn.LeakyReLU(0.1), nn.Linear(4 * width, num_classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin: int, growth: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin)
+        self.relu = nn.ReLU()
+        self.conv = nn.Conv2d(cin, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.conv(self.relu(self.norm(x)))], dim=1)
+
+
+class DenseNetStyle(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        growth = width // 2
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.block1 = nn.Sequential(DenseLayer(width, growth), DenseLayer(width + growth, growth))
+        self.transition = nn.Sequential(
+            nn.BatchNorm2d(width + 2 * growth), nn.ReLU(), nn.Conv2d(width + 2 * growth, width, 1), nn.AvgPool2d(2)
+        )
+        self.block2 = DenseLayer(width, growth)
+        self.norm = nn.BatchNorm2d(width + growth)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear((width + growth) * 4, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block2(self.transition(self.block1(self.stem(x))))
+        return self.head(torch.flatten(self.pool(torch.relu(self.norm(x))), 1))
 
 
 class DataDependent(nn.Module):

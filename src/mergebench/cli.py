@@ -78,10 +78,14 @@ def _parse_message(arg: str, err: Exception) -> str:
     )
 
 
+# datasets read in this process, shared by the check of every job and the jobs that the basic launcher runs here
+LOADED: Loaded = {}
+
+
 def check_overrides(args: list[str], multirun: bool = False) -> None:
     """Compose and validate every job before Hydra launches anything; raise a one-line ConfigError."""
     variants = override_variants(args)
-    loaded: Loaded = {}
+    loaded = LOADED
     scenarios: set[str] = set()
     for overrides in variants:
         for item in overrides:
@@ -160,7 +164,7 @@ def _task(cfg: DictConfig) -> None:
     try:
         run_cfg = validate(cfg)
         out_dir = Path(HydraConfig.get().runtime.output_dir)
-        df = run(run_cfg, out_dir)
+        df = run(run_cfg, out_dir, LOADED)
     except ConfigError as err:
         _fail(str(err), 2)
     except KeyboardInterrupt:

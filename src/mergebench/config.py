@@ -82,8 +82,13 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     only: bool = False
+    # null: model k is initialised (and its batches shuffled) with seed + k (DESIGN §6); an integer: every base
+    # model uses this seed, as YM's code does (its A and B train configs both set seed 0): train.init_seed='${seed}'
+    init_seed: int | None = None
 
     def check(self) -> None:
+        if self.init_seed is not None and self.init_seed < 0:
+            raise ConfigError(f"init_seed={self.init_seed} must be >= 0 or null")
         if self.epochs < 0:
             raise ConfigError(f"epochs={self.epochs} must be >= 0")
         if self.batch_size <= 0:
@@ -108,6 +113,7 @@ class TrainConfig:
 class ReferencesConfig:
     ensemble: bool = True
     joint: bool = False
+    coreset: bool = False  # a model trained from scratch on the merge data, when it is a coreset (YM "Coreset AB")
 
 
 @dataclasses.dataclass
@@ -264,6 +270,17 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be an integer >= 0")
+    align = _component(ALIGNERS, _section(raw, "align"), "align")
+    if strategy.name == "c2m3" and align.name != "identity":
+        raise ConfigError(
+            f"strategy=c2m3 matches the models itself (data-free, all at once) and would ignore align={align.name}: "
+            "use align=identity with it"
+        )
+    if getattr(align.params, "stop_at", None) is not None and strategy.name == "pairwise":
+        raise ConfigError(
+            "align.stop_at (partial zipping) leaves one head per model, which strategy=pairwise cannot merge "
+            "again: use strategy=all_to_one"
+        )
     agg = _component(AGGREGATORS, _section(raw, "agg"), "agg")
     check_combination(strategy.name, data.num_models, agg.name, agg.params)
     merge_data = to_dataclass(MergeDataConfig, _section(raw, "merge_data"), "merge_data")
@@ -281,6 +298,10 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     model = _component(MODELS, _section(raw, "model"), "model")
     references = to_dataclass(ReferencesConfig, _section(raw, "references"), "references")
     check_sources(model.name, checkpoints, references.joint)
+    if checkpoints and references.coreset:
+        raise ConfigError(
+            "references.coreset=true trains a model on the merge data; with checkpoints=[...] nothing is trained"
+        )
     return RunConfig(
         name=str(raw.get("name", "adhoc")),
         seed=seed,
@@ -292,7 +313,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         split=split,
         model=model,
         train=to_dataclass(TrainConfig, _section(raw, "train"), "train"),
-        align=_component(ALIGNERS, _section(raw, "align"), "align"),
+        align=align,
         agg=agg,
         repair=_component(REPAIRS, _section(raw, "repair"), "repair"),
         strategy=strategy,

@@ -59,7 +59,7 @@ def _ym2_column(row: pd.Series) -> str | None:
 
 
 def _ym2_row(row: pd.Series) -> str | None:
-    names = {"Joint": "Model AB (joint)", "Direct averaging": "Naïve", "Weight Matching": "WM"}
+    names = {"Joint": "Model AB (joint)", "Coreset": "Coreset AB", "Direct averaging": "Naïve", "Weight Matching": "WM"}
     if row.method_label == "STE":
         return "STE (Full)" if _size(row) == "train" else "STE (Coreset)"
     return names.get(row.method_label, row.method_label)
@@ -104,6 +104,9 @@ LAYOUTS: dict[str, Layout] = {
     ),
     "ym_table2": Layout("YM Table 2 (accuracy % on D_AB)", _ym2_column, row=_ym2_row),
     "ym_table3": Layout("YM Table 3 (SPLIT-CIFAR10, STE with k examples per class)", lambda r: f"{_size(r)}/class"),
+    "ym_table8": Layout(
+        "YM Table 8 (SPLIT-CIFAR100 50+50, accuracy % on the full test set)", _ym2_column, row=_ym2_row
+    ),
 }
 
 GENERIC_KEYS = ["dataset", "scenario", "arch", "width", "norm", "num_models", "strategy", "merge_data", "repair"]

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mergebench.align import ALIGNERS
 from mergebench.cache import atomic_write_text
-from mergebench.merge import AGGREGATORS, REPAIRS
+from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
 
 COLUMNS = [
     "run_id", "experiment", "dataset", "split", "arch", "width", "norm", "num_models", "seed",
@@ -22,17 +22,21 @@ COLUMNS = [
 
 # rows of the papers' tables, in their order; labels not listed sort after these, alphabetically
 METHOD_ORDER = [
-    "Model A", "Model B", "Base models avg.", "Ensemble", "Joint", "Direct averaging", "Permute",
-    "Weight Matching", "CCA Merge", "STE", "Finetune-P", "Finetune-WM", "NP-P", "NP-WM",
+    "Model A", "Model B", "Base models avg.", "Ensemble", "Joint", "Coreset", "Direct averaging", "Permute",
+    "Weight Matching", "CCA Merge", "OT Fusion", "ZipIt!", "C2M3", "STE", "Finetune-P", "Finetune-WM", "NP-P", "NP-WM",
 ]  # fmt: skip
 
 
-def method_label(align: str, agg: str, repair: str) -> str:
+def method_label(align: str, agg: str, repair: str, strategy: str = "all_to_one") -> str:
     """The papers' name for a merge ('Permute', 'NP-P', 'Finetune-WM + REPAIR') from the names each component
-    registered with (`Entry.label`); a component without one is named by its config name."""
+    registered with (`Entry.label`); a component without one is named by its config name. A strategy that
+    registered a label does its own matching (C2M3), so it names the merge in the aligner's place."""
     aligner, aggregator, fix = ALIGNERS.get(align), AGGREGATORS.get(agg), REPAIRS.get(repair)
+    matcher = STRATEGIES.get(strategy)
+    if matcher.label is None:
+        matcher = dataclasses.replace(aligner, label=aligner.label or align, abbrev=aligner.abbrev or align)
     label = (aggregator.label or f"{agg}-{{abbrev}}").format(
-        align=aligner.label or align, abbrev=aligner.abbrev or align
+        align=matcher.label, abbrev=matcher.abbrev or matcher.label
     )
     return (fix.label or "{method}").format(method=label)
 

@@ -17,9 +17,9 @@ from mergebench.cache import ModelCache, ResultsCache, atomic_write_bytes, atomi
 from mergebench.checkpoints import load_models
 from mergebench.config import RunConfig
 from mergebench.context import MergeContext
-from mergebench.data.datasets import DatasetInfo, ImageData, load_dataset
+from mergebench.data.datasets import DatasetInfo, ImageData, load_dataset, with_normalize
 from mergebench.data.loader import Batches, to_device
-from mergebench.data.merge_data import select_merge_data
+from mergebench.data.merge_data import MergeData, select_merge_data
 from mergebench.data.splits import Scenario, SplitRequest
 from mergebench.errors import ConfigError
 from mergebench.evaluate import ensemble_logits, metrics, predict, subset_metrics
@@ -55,8 +55,10 @@ def build_scenario(cfg: RunConfig, loaded: Loaded | None = None) -> Scenario:
 
     def load(name: str) -> tuple[DatasetInfo, ImageData, ImageData]:
         key = f"{name}|{cfg.data.root}|{cfg.data.train_limit}|{cfg.data.test_limit}|{cfg.data.split_seed}"
+        key += f"|{cfg.dataset.normalize}"
         if key not in loaded:
             info, train, test = load_dataset(name, cfg.data.root, cfg.data.download, cfg.cache_dir / "data")
+            info = with_normalize(info, cfg.dataset.normalize)  # dataset.normalize: in the inputs and the cache key
             train = _limit(train, cfg.data.train_limit, cfg.data.split_seed)
             loaded[key] = info, train, _limit(test, cfg.data.test_limit, 0)
         return loaded[key]
@@ -120,11 +122,12 @@ def common_columns(cfg: RunConfig, scenario: Scenario) -> dict:
     }
 
 
-def run(cfg: RunConfig, out_dir: Path) -> pd.DataFrame:
+def run(cfg: RunConfig, out_dir: Path, loaded: Loaded | None = None) -> pd.DataFrame:
     """Run, unless a run with the same resolved config on the same data finished before: then its files are
-    restored (repeated commands and resumed sweeps train and merge nothing)."""
+    restored (repeated commands and resumed sweeps train and merge nothing). `loaded`: datasets already read in
+    this process (the CLI's check read them), by `build_scenario`'s key."""
     pause_point("run_start")
-    scenario = build_scenario(cfg)
+    scenario = build_scenario(cfg, loaded)
     finished, key = ResultsCache(cfg.cache_dir), content_key({"config": cfg.raw, "data": scenario_digest(scenario)})
     if finished.restore(key, out_dir) is not None:
         console.log(f"cache hit: run finished before: reusing its rows (results {key})", highlight=False)
@@ -181,9 +184,15 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
     if cfg.references.joint:
         joint, meta = base_model("joint", torch.unique(torch.cat(scenario.clients)), cfg.seed)
         writer.add("Joint", "joint", evaluate(joint)[1], wall_s=meta.get("wall_s"))
+    merge = select_merge_data(scenario, cfg.merge_data)
+    if cfg.references.coreset:
+        if cfg.merge_data.per_class is None:  # all the merge data: the joint model (or a client's), not a coreset
+            console.log("references.coreset: skipped, the merge data is not a coreset (merge_data.per_class=null)")
+        else:
+            coreset, meta = base_model("coreset", coreset_indices(merge), cfg.seed)
+            writer.add("Coreset", "coreset", evaluate(coreset)[1], wall_s=meta.get("wall_s"))
 
     if not cfg.train.only:
-        merge = select_merge_data(scenario, cfg.merge_data)
         sample = next(iter(Batches(train, merge.fit, info, VERIFY_BATCH)))[0]
         spec, checked = checked_spec(
             [m for m, _ in models], sample, info.num_classes, seed=cfg.seed, repair=cfg.repair.name
@@ -207,7 +216,9 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
         merged = cfg.strategy.factory(cfg.strategy.params, [m for m, _ in models], methods, ctx)
         wall = time.perf_counter() - start
         merged.save_artifacts(out_dir)
-        label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name)
+        label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name, cfg.strategy.name)
+        if getattr(cfg.align.params, "stop_at", None) is not None:  # a partial zip is its own method
+            label += f" (stop_at={cfg.align.params.stop_at})"
         diagnostics = {**checked, **merged.diagnostics}
         writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=diagnostics)
 
@@ -215,13 +226,19 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
             # reuse the strategy's alignment where A stayed the reference (all_to_one); else align B to A here
             pair = merged.aligned_to_first or align_to(models[0][0], [models[1][0]], methods, ctx)[0]
             model_a, model_b = pair
-            curve_label = method_label(cfg.align.name, "avg", cfg.repair.name)
+            curve_label = method_label(cfg.align.name, "avg", cfg.repair.name, cfg.strategy.name)
             points = []
             for alpha, model in interpolation_curve(model_a, model_b, cfg.curve.points, cfg.repair, ctx):
                 points.append((alpha, evaluate(model)[1]))
                 writer.add(curve_label, "curve", points[-1][1], alpha=alpha)
             writer.add(curve_label, "barrier", barriers(points))
     return writer.write(out_dir)
+
+
+def coreset_indices(merge: MergeData) -> torch.Tensor:
+    """Every example the merge methods may read (the fit part and the validation carve-out they select on): what
+    the Coreset reference is trained on from scratch, so it has the same data budget as the merges."""
+    return torch.cat([merge.fit, merge.val]).sort().values
 
 
 def _mean_results(results: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:

@@ -4,6 +4,11 @@ A spec says, for every parameter and buffer, which permutation group acts on eac
 output axis, the others are inputs), and which modules' outputs carry each group's units (probes, used by
 activation-based aligners and REPAIR). Every aligner returns one `Transform` per group it changes.
 
+An input axis can also be made of parts (`PermutationSpec.parts`): a Linear reading a flattened C×H×W map sees
+C blocks of H·W entries (one part, block H·W), a conv reading `cat([x, y], dim=1)` sees x's units then y's (two
+parts, two groups). Methods that score tensors read them through `plain_view`, which splits such axes into plain
+ones; `apply_transforms` moves every part with its group.
+
 A core type: models state their spec, aligners, strategies and REPAIR read it, so it imports nothing of mergebench.
 """
 
@@ -17,34 +22,93 @@ from torch import Tensor
 
 
 @dataclasses.dataclass(frozen=True)
+class Part:
+    """`units` consecutive units of `group` (None: unpermuted) on an axis, from entry `offset` on, each unit
+    spread over `block` contiguous entries."""
+
+    group: str | None
+    offset: int
+    units: int
+    block: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.units * self.block
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeView:
+    """Where a probe's output holds its group's units when not on dim 1 (channels-last maps, tokens [N, T, D]),
+    and the axes to average out first: those holding another permuted group (a token-mixing MLP's [N, D, hidden]
+    output), whose positions differ between models and so cannot pair A's samples with B's."""
+
+    axis: int = 1
+    pooled: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class PermutationSpec:
     axes: dict[str, tuple[str | None, ...]]
     probes: dict[str, tuple[str, ...]]
+    # tensor name -> {axis: its parts}; such an axis is None in `axes`
+    parts: dict[str, dict[int, tuple[Part, ...]]] = dataclasses.field(default_factory=dict)
+    # probe module -> how its output holds the units, where not simply on dim 1
+    probe_views: dict[str, ProbeView] = dataclasses.field(default_factory=dict)
 
     @property
     def groups(self) -> list[str]:
         """Groups in the order they first appear in the state dict (input side to output side)."""
         seen: dict[str, None] = {}
-        for groups in self.axes.values():
-            for g in groups:
-                if g is not None:
-                    seen.setdefault(g, None)
+        for name, groups in self.axes.items():
+            for axis, g in enumerate(groups):
+                for h in [g] if g is not None else [p.group for p in self.parts.get(name, {}).get(axis, ())]:
+                    if h is not None:
+                        seen.setdefault(h, None)
         return list(seen)
 
     def members(self, group: str) -> list[tuple[str, int]]:
-        """Every (tensor name, axis) that the group acts on."""
+        """Every plain (tensor name, axis) that the group acts on; axes made of parts are in `part_members`."""
         return [(k, ax) for k, groups in self.axes.items() for ax, g in enumerate(groups) if g == group]
 
+    def part_members(self, group: str) -> list[tuple[str, int, Part]]:
+        return [(k, ax, p) for k, axes in self.parts.items() for ax, ps in axes.items() for p in ps if p.group == group]
+
     def group_size(self, group: str, state: Mapping[str, Tensor]) -> int:
-        name, axis = self.members(group)[0]
-        return state[name].shape[axis]
+        members = self.members(group)
+        if members:
+            name, axis = members[0]
+            return state[name].shape[axis]
+        return self.part_members(group)[0][2].units
+
+    def plain_view(self, state: Mapping[str, Tensor]) -> tuple[PermutationSpec, dict[str, Tensor]]:
+        """The spec and state with every axis made of parts split into plain tensors (`name#k` for part k, its
+        axis reshaped into units × block), so a method that scores Σ⟨A, π(B)⟩ tensor by tensor sees every entry
+        once on axes that each one group acts on. Tensors without parts are passed as they are."""
+        if not self.parts:
+            return self, dict(state)
+        axes = {k: v for k, v in self.axes.items() if k not in self.parts}
+        out = {k: v for k, v in state.items() if k not in self.parts}
+        for name, by_axis in self.parts.items():
+            if name not in state:
+                continue
+            (axis, parts), *more = by_axis.items()
+            if more:
+                raise ValueError(f"{name}: parts on more than one axis are not supported")
+            tensor, groups = state[name], self.axes[name]
+            for k, part in enumerate(parts):
+                piece = tensor.narrow(axis, part.offset, part.size)
+                out[f"{name}#{k}"] = piece.unflatten(axis, (part.units, part.block)).contiguous()
+                axes[f"{name}#{k}"] = (*groups[:axis], part.group, None, *groups[axis + 1 :])
+        return PermutationSpec(axes=axes, probes=self.probes, probe_views=self.probe_views), out
 
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
     """A change of basis for one group: a permutation (`perm[i]` = source unit for unit i) or a dense map.
 
-    For dense maps, `matrix` carries B's units into the reference basis (h' = T h) and `inverse` is T⁻¹.
+    For dense maps, `matrix` carries B's units into the reference basis (h' = T h) and `inverse` is T⁻¹. A
+    non-square `matrix` (n_ref × n_B: OT fusion of models of different widths) changes the group's width and needs
+    an explicit n_B × n_ref `inverse`.
     """
 
     perm: Tensor | None = None
@@ -72,7 +136,7 @@ def _apply_axis(t: Tensor, axis: int, tf: Transform, is_variance: bool) -> Tenso
     moved = t.double().movedim(axis, 0)
     flat = moved.reshape(moved.shape[0], -1)
     out = mat.pow(2) @ flat if is_variance else mat @ flat
-    return out.reshape(moved.shape).movedim(0, axis).to(t.dtype)
+    return out.reshape(mat.shape[0], *moved.shape[1:]).movedim(0, axis).to(t.dtype)
 
 
 def apply_transforms(
@@ -90,11 +154,29 @@ def apply_transforms(
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
         t = tensor
+        variance = name.endswith("running_var")
         for axis, group in enumerate(spec.axes.get(name, ())):
             if group is not None and group in transforms:
-                t = _apply_axis(t, axis, transforms[group], name.endswith("running_var"))
+                t = _apply_axis(t, axis, transforms[group], variance)
+        for axis, parts in spec.parts.get(name, {}).items():
+            if any(p.group in transforms for p in parts):
+                t = _apply_parts(t, axis, parts, transforms, variance)
         out[name] = t.clone() if t is tensor else t
     return out
+
+
+def _apply_parts(
+    t: Tensor, axis: int, parts: tuple[Part, ...], transforms: Mapping[str, Transform], variance: bool
+) -> Tensor:
+    """An axis made of parts: each part's units moved by its group's transform, blocks kept together."""
+    pieces = []
+    for part in parts:
+        piece = t.narrow(axis, part.offset, part.size)
+        if part.group in transforms:
+            units = piece.unflatten(axis, (part.units, part.block))
+            piece = _apply_axis(units, axis, transforms[part.group], variance).flatten(axis, axis + 1)
+        pieces.append(piece)
+    return torch.cat(pieces, dim=axis)
 
 
 def random_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], seed: int) -> dict[str, Transform]:

@@ -145,8 +145,14 @@ class BaseModelRequest:
     augment: bool
     init_seed: int
 
+    @property
+    def seed(self) -> int:
+        """The seed that initialises and shuffles: the recipe's `init_seed` when set, else the run's (seed + k)."""
+        return self.init_seed if self.recipe.init_seed is None else self.recipe.init_seed
+
     def key(self) -> str:
-        recipe = {k: v for k, v in dataclasses.asdict(self.recipe).items() if k not in ("only", "compile")}
+        skip = ("only", "compile", "init_seed")  # init_seed enters as the seed used, so keys without it are unchanged
+        recipe = {k: v for k, v in dataclasses.asdict(self.recipe).items() if k not in skip}
         return content_key(
             {
                 "data": tensor_digest(self.data.x[self.indices.to(self.data.x.device)], self.data.y[self.indices]),
@@ -155,7 +161,7 @@ class BaseModelRequest:
                 "model_params": dataclasses.asdict(self.model_params),
                 "recipe": recipe,
                 "augment": self.augment,
-                "init_seed": self.init_seed,
+                "init_seed": self.seed,
                 "trainer_version": TRAINER_VERSION,
             }
         )
@@ -168,7 +174,7 @@ def train_or_load(
     key = request.key()
 
     def create() -> tuple[dict[str, Tensor], dict[str, Any]]:
-        torch.manual_seed(request.init_seed)
+        torch.manual_seed(request.seed)
         model = build()
         stats = train_model(
             model,
@@ -177,7 +183,7 @@ def train_or_load(
             request.info,
             request.recipe,
             augment=request.augment,
-            seed=request.init_seed,
+            seed=request.seed,
             label=request.label,
         )
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}

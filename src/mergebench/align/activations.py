@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from mergebench.spec import PermutationSpec
+from mergebench.spec import PermutationSpec, ProbeView
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,9 +48,16 @@ class GroupStats:
 STATS_CHUNK = 100  # samples per forward in the statistics pass: A's probe outputs wait for B's, so keep them small
 
 
-def channel_first(output: Tensor) -> Tensor:
-    """A probe's output [N, C, *spatial] (or [N, C]) as a [C, N, *spatial] view: units first, then samples."""
-    return output.detach().movedim(1, 0)
+CHANNELS_FIRST = ProbeView()
+
+
+def channel_first(output: Tensor, view: ProbeView = CHANNELS_FIRST) -> Tensor:
+    """A probe's output [N, C, *spatial] (or [N, C]; or as `view` says: units last, other permuted axes averaged
+    out) with the units first, then the samples."""
+    output = output.detach()
+    if view.pooled:
+        output = output.mean(dim=view.pooled, keepdim=True)
+    return output.movedim(view.axis, 0)
 
 
 class _GroupAccumulator:
@@ -69,9 +76,9 @@ class _GroupAccumulator:
         self.sums: Tensor | None = None
         self.products: Tensor | None = None
 
-    def add_b(self, output_b: Tensor) -> None:
-        """Fold B's probe output, with A's output of the same probe call (A ran first), into the sums at once."""
-        view_a, view_b = channel_first(self.outputs_a.popleft()), channel_first(output_b)
+    def add_b(self, view_b: Tensor) -> None:
+        """Fold B's probe output (units first), with A's of the same probe call (A ran first), into the sums."""
+        view_a = self.outputs_a.popleft()
         width = view_a.shape[0]
         if self.shift is None:
             self.shift = torch.cat([view_a.reshape(width, -1).mean(1), view_b.reshape(width, -1).mean(1)])
@@ -101,6 +108,11 @@ class _GroupAccumulator:
         )
 
 
+def _units_to(sink: Callable[[Tensor], None], view: ProbeView) -> Callable[..., None]:
+    """A forward hook that hands its module's output, units first, to `sink`."""
+    return lambda module, inputs, output: sink(channel_first(output, view))
+
+
 @torch.no_grad()
 def activation_stats(
     spec: PermutationSpec,
@@ -119,8 +131,9 @@ def activation_stats(
     handles = []
     for group, acc in accumulators.items():
         for probe in spec.probes[group]:
-            handles.append(modules_a[probe].register_forward_hook(lambda m, i, out, s=acc.outputs_a: s.append(out)))
-            handles.append(modules_b[probe].register_forward_hook(lambda m, i, out, a=acc: a.add_b(out)))
+            view = spec.probe_views.get(probe, CHANNELS_FIRST)
+            handles.append(modules_a[probe].register_forward_hook(_units_to(acc.outputs_a.append, view)))
+            handles.append(modules_b[probe].register_forward_hook(_units_to(acc.add_b, view)))
     modes = model_a.training, model_b.training
     model_a.eval()
     model_b.eval()

@@ -32,7 +32,7 @@ from torch import Tensor, fx, nn
 from torch.func import functional_call
 
 from mergebench.errors import ConfigError
-from mergebench.spec import PermutationSpec
+from mergebench.spec import Part, PermutationSpec, ProbeView
 
 FIXED = 0
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -43,14 +43,18 @@ class TraceError(ConfigError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Blocked:
-    """A flattened axis holding `var`'s units, each repeated over `block` contiguous entries (C blocks of H·W)."""
+class Segmented:
+    """An axis made of parts, in order: (variable, units, block) = `units` units of the variable, each over `block`
+    contiguous entries. A flattened C×H×W map is one part (C, H·W); `cat` along channels gives one part per input."""
 
-    var: int
-    block: int
+    parts: tuple[tuple[int, int, int], ...]
+
+    @property
+    def variables(self) -> list[int]:
+        return [var for var, _, _ in self.parts]
 
 
-Dim = int | Blocked
+Dim = int | Segmented
 
 
 class _UnionFind:
@@ -137,6 +141,8 @@ class _Builder:
         self.names = names  # id(tensor) -> its first state-dict name (tied weights share one)
         self.state_names = set(names.values()) | set(dict(gm.state_dict(keep_vars=True)))
         self.param_vars: dict[str, list[int]] = {}
+        self.param_parts: dict[int, Segmented] = {}  # a parameter axis's variable -> the parts it is made of
+        self.probe_views: dict[str, ProbeView] = {}  # probe module -> where its output holds the units
         self.activation: set[int] = set()
         self.modules = dict(gm.named_modules())
         self.calls: dict[str, int] = {}
@@ -146,17 +152,26 @@ class _Builder:
 
     # variables -------------------------------------------------------------------------------------------------
     def fix(self, d: Dim | None) -> None:
-        if isinstance(d, Blocked):
-            self.uf.union(d.var, FIXED)
+        if isinstance(d, Segmented):
+            for var in d.variables:
+                self.uf.union(var, FIXED)
         elif d is not None:
             self.uf.union(d, FIXED)
 
     def join(self, a: Dim, b: Dim) -> None:
         if isinstance(a, int) and isinstance(b, int):
             self.uf.union(a, b)
-        elif a != b:  # a blocked axis meets something else: no spec can say that, keep both unpermuted
+        elif a != b:  # an axis made of parts meets another axis: no spec can say that, keep both unpermuted
             self.fix(a)
             self.fix(b)
+
+    def bind(self, param_var: int, d: Dim) -> None:
+        """A parameter axis that reads (or scales) the activation axis `d`: joined, or made of `d`'s parts."""
+        if isinstance(d, Segmented):
+            self.uf.union(param_var, FIXED)
+            self.param_parts[param_var] = d
+        else:
+            self.uf.union(param_var, d)
 
     def param(self, name: str) -> list[int]:
         """One variable per axis of a parameter or buffer, by its state-dict name (tied tensors share them)."""
@@ -182,8 +197,7 @@ class _Builder:
             out = self.visit(node)
             self.dims[node] = out
             for d in () if node.op == "get_attr" else out or ():
-                if isinstance(d, int):
-                    self.activation.add(d)
+                self.activation.update(d.variables if isinstance(d, Segmented) else [d])
 
     def visit(self, node: fx.Node) -> list[Dim] | None:
         shape = self.shapes.get(node)
@@ -284,13 +298,8 @@ def _broadcast(b: _Builder, node: fx.Node) -> list[Dim]:
 def _linear_core(b: _Builder, node: fx.Node, x: Any, weight: list[int], bias: list[int] | None) -> list[Dim]:
     dims = b.tensor_dims(x)
     last = dims[-1]
-    if isinstance(last, Blocked):
-        b.fix(last)
-        b.uf.union(weight[1], FIXED)
-        b.warn(node, "a flattened C×H×W map (H·W > 1) feeds this linear: that channel group stays unpermuted")
-    else:
-        b.uf.union(weight[1], last)
-        b.layer_inputs.append((x, last))
+    b.bind(weight[1], last)
+    b.layer_inputs.extend((x, var) for var in (last.variables if isinstance(last, Segmented) else [last]))
     if bias is not None:
         b.uf.union(bias[0], weight[0])
     if len(dims) > 2:
@@ -311,9 +320,9 @@ def _conv_core(
     cin, out = dims[1], weight[0]
     for k in weight[2:]:
         b.uf.union(k, FIXED)
-    if groups == 1:
-        b.uf.union(weight[1], cin)
-        b.layer_inputs.append((x, cin))
+    if groups == 1 and not (isinstance(cin, Segmented) and any(block != 1 for _, _, block in cin.parts)):
+        b.bind(weight[1], cin)
+        b.layer_inputs.extend((x, var) for var in (cin.variables if isinstance(cin, Segmented) else [cin]))
     elif groups == w_shape[0] == b.shape(x)[1] and w_shape[1] == 1:  # depthwise: unit i reads only channel i
         b.uf.union(weight[1], FIXED)
         b.join(cin, out)
@@ -335,7 +344,7 @@ def _norm_core(b: _Builder, x: Any, per_channel: Sequence[list[int] | None], axe
         if tensor is None:
             continue
         for var, axis in zip(tensor, axes):
-            b.join(var, dims[axis])
+            b.bind(var, dims[axis])
     return dims
 
 
@@ -421,18 +430,19 @@ def _reshape(b: _Builder, node: fx.Node) -> list[Dim]:
         if len(ins) == 1 and len(real_outs) == 1:
             result[real_outs[0]] = ins[0][0]
         elif len(ins) > 1 and len(real_outs) == 1:
-            head, rest = ins[0][0], [d for d, _ in ins[1:]]
-            if all(isinstance(d, int) and b.uf.find(d) == FIXED for d in rest) and isinstance(head, int):
-                result[real_outs[0]] = (
-                    head if b.uf.find(head) == FIXED else Blocked(head, math.prod(s for _, s in ins[1:]))
-                )
-            else:
+            (head, size), rest = ins[0], [d for d, _ in ins[1:]]
+            block = math.prod(s for _, s in ins[1:])
+            if not all(isinstance(d, int) and b.uf.find(d) == FIXED for d in rest):
                 for d, _ in ins:
                     b.fix(d)
+            elif isinstance(head, Segmented):
+                result[real_outs[0]] = Segmented(tuple((v, u, k * block) for v, u, k in head.parts))
+            else:
+                result[real_outs[0]] = head if b.uf.find(head) == FIXED else Segmented(((head, size, block),))
         elif len(ins) == 1 and len(real_outs) > 1:
-            d = ins[0][0]
-            if isinstance(d, Blocked) and out_shape[real_outs[0]] * d.block == ins[0][1]:
-                result[real_outs[0]] = d.var
+            d, size = ins[0]
+            if isinstance(d, Segmented) and len(d.parts) == 1 and d.parts[0][1] == out_shape[real_outs[0]]:
+                result[real_outs[0]] = d.parts[0][0]  # C blocks of H·W split back into C × H × W
             else:
                 b.fix(d)
         else:
@@ -473,6 +483,7 @@ def _reduce(b: _Builder, node: fx.Node) -> list[Dim]:
 
 
 def _cat(b: _Builder, node: fx.Node) -> list[Dim]:
+    """cat along an axis: the other axes are joined; the axis itself is made of the inputs' axes, as parts."""
     parts = [p for p in b.arg(node, 0, "tensors") if _is_node(p)]
     axis = b.arg(node, 1, "dim", 0) % len(b.shapes[node])
     out = b.tensor_dims(parts[0])
@@ -480,13 +491,12 @@ def _cat(b: _Builder, node: fx.Node) -> list[Dim]:
         for i, d in enumerate(b.tensor_dims(p)):
             if i != axis:
                 b.join(out[i], d)
-    along = [b.tensor_dims(p)[axis] for p in parts]
-    sizes = [b.shape(p)[axis] for p in parts]
-    if any(not isinstance(d, int) or (b.uf.find(d) != FIXED and n > 1) for d, n in zip(along, sizes)):
-        for d in along:
-            b.fix(d)
-        b.warn(node, "cat along a channel axis: its parts stay unpermuted (no segmented groups in the spec yet)")
-    out[axis] = FIXED
+    segments: list[tuple[int, int, int]] = []
+    for p in parts:
+        d, n = b.tensor_dims(p)[axis], b.shape(p)[axis]
+        segments.extend(d.parts if isinstance(d, Segmented) else [(d, n, 1)])
+    active = any(b.uf.find(var) != FIXED for var, _, _ in segments)
+    out[axis] = Segmented(tuple(segments)) if active else FIXED  # each input's units stay a part of the result
     return out
 
 
@@ -748,6 +758,13 @@ def _assemble(b: _Builder, state: dict[str, Tensor]) -> tuple[PermutationSpec, s
                     label += "'"
                 group_names[root] = label
     axes = {name: tuple(None if r is None else group_names[r] for r in rs) for name, rs in roots.items()}
+    parts: dict[str, dict[int, tuple[Part, ...]]] = {}
+    for name, tensor in state.items():
+        for axis, var in enumerate(b.param_vars.get(b.names.get(id(tensor), name)) or ()):
+            if var in b.param_parts:
+                found = _parts(b, b.param_parts[var], group_names)
+                if any(p.group is not None for p in found):
+                    parts.setdefault(name, {})[axis] = found
     probes: dict[str, list[str]] = {}
     for node, var in b.layer_inputs:
         root = b.uf.find(var)
@@ -759,29 +776,53 @@ def _assemble(b: _Builder, state: dict[str, Tensor]) -> tuple[PermutationSpec, s
             found.append(probe)
     unprobed = {root: name for root, name in group_names.items() if not probes.get(name)}
     for node in b.gm.graph.nodes:  # no layer input reachable: the last single-use module of each chain holding it
-        root = _held_group(b, node)
-        if root in unprobed and not any(_held_group(b, user) == root for user in node.users):
-            probes.setdefault(unprobed[root], []).append(node.target)
-    return PermutationSpec(axes=axes, probes={g: tuple(p) for g, p in probes.items() if p}), set(group_names)
+        for root, view in _held_groups(b, node).items():
+            if root in unprobed and not any(root in _held_groups(b, user) for user in node.users):
+                probes.setdefault(unprobed[root], []).append(node.target)
+                b.probe_views[node.target] = view
+    probes_found = {g: tuple(p) for g, p in probes.items() if p}
+    used = {p for found in probes_found.values() for p in found}
+    views = {p: view for p, view in b.probe_views.items() if p in used and view != ProbeView()}
+    return PermutationSpec(axes=axes, probes=probes_found, parts=parts, probe_views=views), set(group_names)
 
 
-def _held_group(b: _Builder, node: fx.Node) -> int | None:
-    """The group a single-use module's output holds on dim 1 (where activation statistics read units), if any."""
+def _parts(b: _Builder, d: Segmented, group_names: dict[int, str]) -> tuple[Part, ...]:
+    """A segmented axis as the spec's parts: each variable's group (None where it was fixed), at its offset."""
+    out, offset = [], 0
+    for var, units, block in d.parts:
+        group = group_names.get(b.uf.find(var)) if units > 1 else None
+        out.append(Part(group, offset, units, block))
+        offset += units * block
+    return tuple(out)
+
+
+def _held_groups(b: _Builder, node: fx.Node) -> dict[int, ProbeView]:
+    """{group root: view} of the units a single-use module's output holds where activation statistics can read
+    them: dim 1 (channels-first maps, [N, C] features) and the last dim (channels-last maps, tokens [N, T, D]),
+    with any other axis that holds a permuted group averaged out."""
     if node.op != "call_module" or b.calls[node.target] != 1 or isinstance(b.modules[node.target], LOOK_THROUGH):
-        return None
+        return {}
     dims = b.dims.get(node) or []
-    return b.uf.find(dims[1]) if len(dims) > 1 and isinstance(dims[1], int) else None
+    permuted = [
+        i for i, d in enumerate(dims) if i > 0 and (isinstance(d, Segmented) or b.uf.find(d) != b.uf.find(FIXED))
+    ]
+    held: dict[int, ProbeView] = {}
+    for axis in (1, len(dims) - 1) if len(dims) > 2 else (1,) if len(dims) == 2 else ():
+        if axis in permuted and isinstance(dims[axis], int):
+            view = ProbeView(axis if axis == 1 else -1, tuple(i - len(dims) for i in permuted if i != axis))
+            held.setdefault(b.uf.find(dims[axis]), view)
+    return held
 
 
 def _probe_for(b: _Builder, node: fx.Node, root: int) -> str | None:
     """The nearest single-use module upstream of `node` (through one-input ops and pooling) whose output holds the
-    group `root` on dim 1, where activation statistics read units; None where a residual add comes first."""
+    group `root` (its axis noted in `probe_axes`), where activation statistics read units; None where a residual
+    add comes first."""
     while True:
-        if node.op == "call_module" and b.calls[node.target] == 1:
-            dims = b.dims[node]
-            held = len(dims) > 1 and isinstance(dims[1], int) and b.uf.find(dims[1]) == root
-            if held and not isinstance(b.modules[node.target], LOOK_THROUGH):
-                return node.target
+        held = _held_groups(b, node)
+        if root in held:
+            b.probe_views[node.target] = held[root]
+            return node.target
         inputs = [a for a in node.all_input_nodes if b.dims.get(a) is not None and a.op != "get_attr"]
         if len(inputs) != 1:
             return None

@@ -314,7 +314,8 @@ def weight_matching(
     first pass and after every pass.
     """
     start = time.perf_counter()
-    problem = _Problem(spec, state_a, state_b)
+    (plain, state_a), (_, state_b) = spec.plain_view(state_a), spec.plain_view(state_b)  # flatten/cat parts
+    problem = _Problem(plain, state_a, state_b)
     gen = torch.Generator().manual_seed(seed)
     best: tuple[dict[str, Tensor], list[float], int] | None = None
     for restart in range(restarts):

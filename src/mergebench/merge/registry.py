@@ -21,7 +21,8 @@ class Merged:
     row, and tensors worth keeping beside it (e.g. NP Merge's learned α), one .pt file per artifact name.
 
     `aligned_to_first` is [model 0, model 1 aligned to it, …] when the strategy kept model 0 as the one reference
-    (all_to_one), so the interpolation curve reuses that alignment; empty when it merged in another order.
+    (all_to_one; with a joint aligner, every model carried into its shared basis), so the interpolation curve
+    reuses that alignment; empty when it merged in another order.
     """
 
     model: nn.Module

@@ -3,6 +3,10 @@
 - all_to_one: align every model to model 0, aggregate all at once (NP Fig. 1 baselines).
 - pairwise: NP §III-C: merge random pairs (seeded order), then pairs of the results, until one model remains.
 - merge_many: Git Re-Basin's MergeMany: align each model to the average of the others, a few rounds, then aggregate.
+
+A joint aligner (ZipIt!) moves all the models it is given into one shared basis at once, model 0 included: every
+strategy aligns through `align_all`, which calls it with all the models (all_to_one, merge_many) or the pair
+(pairwise) being merged.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mergebench.align.registry import Assemble, JointAligner
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.avg import mean_model, uniform_weights
@@ -27,10 +32,13 @@ class StrategyParams:
 
     rounds: int = 3  # merge_many: at most this many alignment rounds (stops early once no permutation changes)
     order_seed: int | None = None  # pairwise pairing / merge_many visiting order; null = the run's seed
+    max_iter: int = 200  # c2m3: Frank–Wolfe iterations at most (the reference's setting)
 
     def check(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"rounds={self.rounds} must be >= 1")
+        if self.max_iter < 1:
+            raise ConfigError(f"max_iter={self.max_iter} must be >= 1")
 
 
 def models_per_aggregation(strategy: str, num_models: int) -> int:
@@ -51,27 +59,51 @@ def check_combination(strategy: str, num_models: int, agg_name: str, agg_params:
         ) from None
 
 
+def carry(model: nn.Module, transforms: dict[str, Transform], ctx: MergeContext) -> nn.Module:
+    """A fresh copy of `model` with `transforms` applied to its weights."""
+    copy = ctx.build_model()
+    copy.load_state_dict(apply_transforms(model.state_dict(), ctx.spec, transforms))
+    return copy
+
+
 def align_one(ref: nn.Module, model: nn.Module, methods: Methods, ctx: MergeContext) -> tuple[nn.Module, Any]:
     """A copy of `model` carried into `ref`'s basis, and the aligner's result."""
     result = methods.align.factory(methods.align.params, ref, model, ctx)
-    copy = ctx.build_model()
-    copy.load_state_dict(apply_transforms(model.state_dict(), ctx.spec, result.transforms))
-    return copy, result
+    return carry(model, result.transforms, ctx), result
+
+
+def align_all(
+    models: list[nn.Module], methods: Methods, ctx: MergeContext
+) -> tuple[list[nn.Module], dict, Assemble | None]:
+    """Bring `models` into one basis for aggregation: model 0's, every other model aligned to it, or with a joint
+    aligner the shared basis it carries all of them into. Returns the models in that basis, the aligners'
+    diagnostics, and the joint aligner's final assembly step (partial zipping), if any."""
+    start = time.perf_counter()
+    factory = methods.align.factory
+    assemble = None
+    if isinstance(factory, JointAligner):
+        result = factory.align(methods.align.params, models, ctx)
+        aligned = [carry(m, t, ctx) for m, t in zip(models, result.transforms, strict=True)]
+        diagnostics = {f"align_{k}": v for k, v in result.diagnostics.items()}
+        assemble = result.assemble
+    else:
+        aligned, diagnostics = [models[0]], {}
+        for i, model in enumerate(models[1:], start=1):
+            copy, result = align_one(models[0], model, methods, ctx)
+            aligned.append(copy)
+            diagnostics.update(
+                {f"align{i}_{k}" if len(models) > 2 else f"align_{k}": v for k, v in result.diagnostics.items()}
+            )
+    diagnostics["align_s"] = time.perf_counter() - start
+    return aligned, diagnostics, assemble
 
 
 def align_to(
     ref: nn.Module, others: list[nn.Module], methods: Methods, ctx: MergeContext
 ) -> tuple[list[nn.Module], dict]:
-    """Align every model in `others` to `ref`; returns [ref, *aligned] and the aligners' diagnostics."""
-    aligned, diagnostics = [ref], {}
-    start = time.perf_counter()
-    for i, model in enumerate(others, start=1):
-        copy, result = align_one(ref, model, methods, ctx)
-        aligned.append(copy)
-        diagnostics.update(
-            {f"align{i}_{k}" if len(others) > 1 else f"align_{k}": v for k, v in result.diagnostics.items()}
-        )
-    diagnostics["align_s"] = time.perf_counter() - start
+    """Align every model in `others` to `ref`; returns [ref, *aligned] (with a joint aligner: all of them carried
+    into its shared basis, as the interpolation curve needs them) and the aligners' diagnostics."""
+    aligned, diagnostics, _ = align_all([ref, *others], methods, ctx)
     return aligned, diagnostics
 
 
@@ -87,9 +119,12 @@ def aggregate_and_repair(models: list[nn.Module], methods: Methods, ctx: MergeCo
 
 @STRATEGIES.register("all_to_one", StrategyParams)
 def all_to_one(params: StrategyParams, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
-    """Align every model to model 0, then aggregate all at once (NP Fig. 1 baselines)."""
-    aligned, diagnostics = align_to(models[0], models[1:], methods, ctx)
+    """Align every model to model 0 (or all jointly), then aggregate all at once (NP Fig. 1 baselines); partial
+    zipping's trunk and heads are assembled from the repaired merge."""
+    aligned, diagnostics, assemble = align_all(models, methods, ctx)
     merged = aggregate_and_repair(aligned, methods, ctx)
+    if assemble is not None:
+        merged.model = assemble(merged.model, aligned).eval()
     merged.diagnostics = {**diagnostics, **merged.diagnostics}
     merged.aligned_to_first = aligned
     return merged
@@ -110,7 +145,12 @@ def pairwise(params: StrategyParams, models: list[nn.Module], methods: Methods, 
         next_pool, next_labels = [], []
         for i, j in zip(order[0::2], order[1::2]):
             merges += 1
-            aligned, align_diag = align_to(pool[i], [pool[j]], methods, ctx)
+            aligned, align_diag, assemble = align_all([pool[i], pool[j]], methods, ctx)
+            if assemble is not None:
+                raise ConfigError(
+                    f"align={methods.align.name}: partial zipping leaves one head per model, which strategy=pairwise "
+                    "cannot merge again: use strategy=all_to_one"
+                )
             merged = aggregate_and_repair(aligned, methods, ctx)
             label = f"({labels[i]}+{labels[j]})"
             diagnostics.update({f"merge{merges}_{k}": v for k, v in {**align_diag, **merged.diagnostics}.items()})
@@ -135,7 +175,12 @@ def is_identity(transforms: dict[str, Transform]) -> bool:
 @STRATEGIES.register("merge_many", StrategyParams)
 def merge_many(params: StrategyParams, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
     """Git Re-Basin's MergeMany: in a seeded order, align each model to the average of the others; repeat for up to
-    `rounds` rounds (stopping after a round where no permutation moved), then aggregate all and repair."""
+    `rounds` rounds (stopping after a round where no permutation moved), then aggregate all and repair.
+
+    A joint aligner has no fixed reference to align to; it already aligns all K models at once, as all_to_one runs
+    it."""
+    if isinstance(methods.align.factory, JointAligner):
+        return all_to_one(params, models, methods, ctx)
     gen = torch.Generator().manual_seed(ctx.seed if params.order_seed is None else params.order_seed)
     current = list(models)
     diagnostics: dict[str, Any] = {}
