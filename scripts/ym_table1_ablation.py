@@ -41,7 +41,7 @@ CONFIGS = [
     Config(
         "sgdm_const_unit_e20",
         "reference",
-        "SGD m0.9 lr 0.1 constant, x/255, bilinear, 20 ep (YM's code; the new preset)",
+        "SGD m0.9 lr 0.1 constant, x/255, bilinear, 20 ep (YM's code; the preset); weight matching of e72a88e",
         f"{SGD} {UNIT}",
         "45,60,90",
     ),
@@ -94,6 +94,21 @@ CONFIGS = [
         "shared initialisation and align.start=identity (YM's code on both counts)",
         f"{SGD} {UNIT} ++train.init_seed=$s align.start=identity",
         "45,60,75,90",
+    ),
+    Config("e100_current", "epochs (current code)", "100 epochs (YM's length)", f"{SGD} {UNIT} train.epochs=100", "90"),
+    Config(
+        "e100_wm_identity",
+        "epochs + start (current code)",
+        "100 epochs and align.start=identity",
+        f"{SGD} {UNIT} train.epochs=100 align.start=identity",
+        "90",
+    ),
+    Config(
+        "shared_init_e100",
+        "initialisation + epochs (current code)",
+        "shared initialisation, 100 epochs (YM's length)",
+        f"{SGD} {UNIT} ++train.init_seed=$s train.epochs=100",
+        "90,60",
     ),
 ]
 # the current preset's YM Table 1 runs (--preset DIR): weight matching with align.start=sweep, the default
@@ -190,6 +205,26 @@ def markdown(table: pd.DataFrame, bases: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def diagnostics_markdown(diag: pd.DataFrame) -> str:
+    """Weight matching's final objective and passes, mean over seeds, one row per configuration, a column per angle."""
+    stats = diag.groupby(["config", "angle"]).agg(
+        objective=("wm_objective", "mean"), passes=("wm_passes", "mean"), n=("seed", "count")
+    )
+    angles = sorted(diag.angle.unique())
+    cols = ["config"] + [f"{a:g}°" for a in angles]
+    lines = ["| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+    for config in dict.fromkeys(diag.config):
+        cells = []
+        for a in angles:
+            if (config, a) in stats.index:
+                r = stats.loc[(config, a)]
+                cells.append(f"{r.objective:.2f} / {r.passes:.1f} (n={int(r.n)})")
+            else:
+                cells.append("—")
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return "objective / passes, mean over seeds\n\n" + "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path, help="folder holding <config>_s<seed>/ multiruns")
@@ -221,6 +256,7 @@ def main() -> None:
     table.to_csv(args.out / "ablation.csv", index=False)
     diag = pd.concat(diagnostics, ignore_index=True).sort_values(["config", "angle", "seed"], kind="stable")
     diag.to_csv(args.out / "wm_diagnostics.csv", index=False)
+    (args.out / "wm_diagnostics.md").write_text(diagnostics_markdown(diag))
     (args.out / "ablation.md").write_text(markdown(table))
     (args.out / "ablation_compact.md").write_text(markdown(table, bases=False))
     print(markdown(table, bases=False))

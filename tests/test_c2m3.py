@@ -4,9 +4,6 @@ recovered, Frank–Wolfe never lowers its objective, and the strategy merges K m
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -22,10 +19,8 @@ from mergebench.merge.strategies import StrategyParams
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import Component
 from mergebench.spec import PermutationSpec, Transform, apply_transforms, random_permutations
-from tests.conftest import SHARED_DATA
 from tests.digits_pair import digits_context
-
-MERGEBENCH = str(Path(sys.executable).parent / "mergebench")
+from tests.test_cli import cli
 
 
 def mlp(seed: int, hidden: tuple[int, ...] = (24, 16)) -> nn.Module:
@@ -124,8 +119,6 @@ def test_the_strategy_aligns_every_model_to_model_0_through_the_universe() -> No
 
 
 def test_c2m3_with_four_models_runs_end_to_end(tmp_path: Path) -> None:
-    environment = {k: v for k, v in os.environ.items() if k != "MERGEBENCH_CACHE"}
-    environment.update({"MERGEBENCH_DATA": str(SHARED_DATA), "OMP_NUM_THREADS": "1"})
     args = [
         "strategy=c2m3",
         "data.num_models=4",
@@ -134,14 +127,7 @@ def test_c2m3_with_four_models_runs_end_to_end(tmp_path: Path) -> None:
         "model.hidden=[64,64]",
         "train.epochs=5",
     ]
-    proc = subprocess.run(
-        [MERGEBENCH, *args, "hydra.run.dir=outputs/run"],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = cli([*args, "hydra.run.dir=outputs/run"], tmp_path, OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr
     df = pd.read_csv(tmp_path / "outputs/run/results.csv")
     merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]

@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from mergebench.cache import ModelCache, atomic_write_text
@@ -79,3 +80,28 @@ def test_atomic_writes_follow_the_umask(tmp_path: Path) -> None:
     assert (tmp_path / "results.csv").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "results.csv").read_text() == "a,b\n1,2\n"
     assert [p.name for p in tmp_path.iterdir()] == ["results.csv"]
+
+
+def test_a_finished_run_is_reused_only_by_the_code_that_made_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The results cache's key holds the package's source digest: after a code change (here: a different digest)
+    the run is merged again, not restored; the base models stay cached."""
+    from hydra import compose, initialize_config_dir
+
+    from mergebench import run as run_module
+    from mergebench.cli import CONF_DIR
+    from mergebench.config import validate
+
+    overrides = ["model.hidden=[16]", "train.epochs=1", f"cache_dir={tmp_path / 'cache'}", "align=permute"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = validate(compose("config", overrides=overrides))
+    merges: list[str] = []
+    real = run_module.merge_and_evaluate
+    monkeypatch.setattr(run_module, "merge_and_evaluate", lambda *a: merges.append("merged") or real(*a))
+    run_module.run(cfg, tmp_path / "first")
+    run_module.run(cfg, tmp_path / "same_code")
+    assert merges == ["merged"]
+    monkeypatch.setattr(run_module, "code_digest", lambda: "another version")
+    changed = run_module.run(cfg, tmp_path / "changed_code")
+    assert merges == ["merged", "merged"] and len(changed) > 0

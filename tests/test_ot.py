@@ -3,9 +3,6 @@ entropic OT tends to exact OT as its regularisation shrinks, and on digits SPLIT
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from copy import deepcopy
 from pathlib import Path
 
@@ -21,10 +18,8 @@ from mergebench.align.weight_matching import parameters
 from mergebench.errors import ConfigError
 from mergebench.models import MODELS, ModelInput
 from mergebench.spec import apply_transforms, random_permutations
-from tests.conftest import SHARED_DATA
 from tests.digits_pair import digits_context
-
-MERGEBENCH = str(Path(sys.executable).parent / "mergebench")
+from tests.test_cli import cli
 
 
 def mlp(hidden: list[int], seed: int) -> nn.Module:
@@ -151,17 +146,8 @@ def merged_top1(run_dir: Path) -> float:
 
 
 def test_ot_beats_direct_averaging_on_digits_split(tmp_path: Path) -> None:
-    environment = {k: v for k, v in os.environ.items() if k != "MERGEBENCH_CACHE"}
-    environment.update({"MERGEBENCH_DATA": str(SHARED_DATA), "OMP_NUM_THREADS": "1"})
     args = ["data=split_classes", "dataset=digits", "model=mlp", "model.hidden=[128,128]", "train.epochs=10"]
-    proc = subprocess.run(
-        [MERGEBENCH, "-m", "align=identity,ot", *args, "hydra.sweep.dir=outputs/sweep"],
-        cwd=tmp_path,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = cli(["-m", "align=identity,ot", *args, "hydra.sweep.dir=outputs/sweep"], tmp_path, OMP_NUM_THREADS="1")
     assert proc.returncode == 0, proc.stderr
     direct, ot = merged_top1(tmp_path / "outputs/sweep/0"), merged_top1(tmp_path / "outputs/sweep/1")
     assert ot > direct + 3, (ot, direct)  # top-1 in %: 30.6 vs 23.4 when written

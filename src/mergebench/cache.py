@@ -6,6 +6,7 @@ a sidecar records the file's SHA-256, so a run killed mid-write or a corrupted f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -28,6 +29,19 @@ def _first_line(err: BaseException) -> str:
 
 def content_key(fields: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of the package's own source files: a finished run's results are reused only by the code that made
+    them, so a fix changes the numbers it fixes instead of restoring old ones (base models keep their own
+    TRAINER_VERSION: a code change elsewhere does not retrain them)."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -116,7 +130,7 @@ class ModelCache:
 
 
 class ResultsCache:
-    """Finished runs, keyed by the resolved config and the content of the data they read.
+    """Finished runs, keyed by the resolved config, the content of the data they read and the code's digest.
 
     An entry is a folder holding every file the run wrote (rows, split, artifacts) and a manifest of their
     digests and the row count, written last: a reused job's folder is as complete as a fresh one, and an entry

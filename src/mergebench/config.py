@@ -83,7 +83,7 @@ class TrainConfig:
     compile: bool = False
     only: bool = False
     # null: model k is initialised (and its batches shuffled) with seed + k (DESIGN §6); an integer: every base
-    # model uses this seed, as YM's code does (its A and B train configs both set seed 0): train.init_seed='${seed}'
+    # model uses this seed, as YM's code does (its A and B train configs both set seed 0): ++train.init_seed='${seed}'
     init_seed: int | None = None
 
     def check(self) -> None:
@@ -114,6 +114,21 @@ class ReferencesConfig:
     ensemble: bool = True
     joint: bool = False
     coreset: bool = False  # a model trained from scratch on the merge data, when it is a coreset (YM "Coreset AB")
+    # the Coreset model's own recipe where it differs from the base models' (YM trains it 200 epochs at lr 0.05);
+    # null = the base recipe's value. Base models keep their recipe, so their cache entries stay shared.
+    coreset_epochs: int | None = None
+    coreset_lr: float | None = None
+
+    def check(self) -> None:
+        if self.coreset_epochs is not None and self.coreset_epochs < 0:
+            raise ConfigError(f"coreset_epochs={self.coreset_epochs} must be >= 0 or null (the base recipe's)")
+        if self.coreset_lr is not None and not self.coreset_lr > 0:
+            raise ConfigError(f"coreset_lr={self.coreset_lr} must be > 0 or null (the base recipe's)")
+
+    def coreset_recipe(self, base: TrainConfig) -> TrainConfig:
+        """The base recipe with the Coreset model's overrides."""
+        changes = {"epochs": self.coreset_epochs, "lr": self.coreset_lr}
+        return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
 
 
 @dataclasses.dataclass
@@ -218,6 +233,9 @@ def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
     for section in ("align", "agg"):
         if "epochs" in raw.get(section, {}):
             raw[section]["epochs"] = min(raw[section]["epochs"], SMOKE_LIMITS["epochs"])
+    references = raw.get("references", {})
+    if references.get("coreset_epochs") is not None:
+        references["coreset_epochs"] = min(references["coreset_epochs"], SMOKE_LIMITS["epochs"])
     model = raw.setdefault("model", {})
     if "width" in model:
         model["width"] = min(float(model["width"]), SMOKE_LIMITS["width"])

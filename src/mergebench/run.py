@@ -13,9 +13,17 @@ import pandas as pd
 import torch
 
 from mergebench.align.verify import VERIFY_BATCH, checked_spec
-from mergebench.cache import ModelCache, ResultsCache, atomic_write_bytes, atomic_write_text, content_key, tensor_digest
+from mergebench.cache import (
+    ModelCache,
+    ResultsCache,
+    atomic_write_bytes,
+    atomic_write_text,
+    code_digest,
+    content_key,
+    tensor_digest,
+)
 from mergebench.checkpoints import load_models
-from mergebench.config import RunConfig
+from mergebench.config import RunConfig, TrainConfig
 from mergebench.context import MergeContext
 from mergebench.data.datasets import DatasetInfo, ImageData, load_dataset, with_normalize
 from mergebench.data.loader import Batches, to_device
@@ -128,7 +136,8 @@ def run(cfg: RunConfig, out_dir: Path, loaded: Loaded | None = None) -> pd.DataF
     this process (the CLI's check read them), by `build_scenario`'s key."""
     pause_point("run_start")
     scenario = build_scenario(cfg, loaded)
-    finished, key = ResultsCache(cfg.cache_dir), content_key({"config": cfg.raw, "data": scenario_digest(scenario)})
+    finished = ResultsCache(cfg.cache_dir)
+    key = content_key({"config": cfg.raw, "data": scenario_digest(scenario), "code": code_digest()})
     if finished.restore(key, out_dir) is not None:
         console.log(f"cache hit: run finished before: reusing its rows (results {key})", highlight=False)
         return pd.read_csv(out_dir / "results.csv")
@@ -151,9 +160,11 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
 
     cache = ModelCache(cfg.cache_dir)
 
-    def base_model(label: str, indices: torch.Tensor, init_seed: int) -> tuple[torch.nn.Module, dict]:
+    def base_model(
+        label: str, indices: torch.Tensor, init_seed: int, recipe: TrainConfig | None = None
+    ) -> tuple[torch.nn.Module, dict]:
         request = BaseModelRequest(
-            label, train, indices, info, cfg.model.name, cfg.model.params, cfg.train, augment, init_seed
+            label, train, indices, info, cfg.model.name, cfg.model.params, recipe or cfg.train, augment, init_seed
         )
         return train_or_load(request, build, cache)
 
@@ -189,7 +200,8 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
         if cfg.merge_data.per_class is None:  # all the merge data: the joint model (or a client's), not a coreset
             console.log("references.coreset: skipped, the merge data is not a coreset (merge_data.per_class=null)")
         else:
-            coreset, meta = base_model("coreset", coreset_indices(merge), cfg.seed)
+            recipe = cfg.references.coreset_recipe(cfg.train)
+            coreset, meta = base_model("coreset", coreset_indices(merge), cfg.seed, recipe)
             writer.add("Coreset", "coreset", evaluate(coreset)[1], wall_s=meta.get("wall_s"))
 
     if not cfg.train.only:

@@ -5,6 +5,8 @@ Every step weight-matches B onto θ̃ (warm-started from the previous permutatio
 cross-entropy of the midpoint 0.5·θ_A + 0.5·(sg(π(θ_B)) + θ̃ − sg(θ̃)) on the merge data: the forward pass sees
 the merge of A with the permuted B, the gradient flows into θ̃, which steers the next matching. After every
 epoch the merge of A with the current π(θ_B) is scored on held-out merge data; the best permutation wins.
+The optimiser is SGD with momentum; weight decay and a multi-step schedule (YM's STE runs: weight decay 1e-4, and
+on a coreset the lr divided by 10 at 50% and 75% of the epochs) are options.
 """
 
 from __future__ import annotations
@@ -27,11 +29,17 @@ from mergebench.progress import EpochProgress
 from mergebench.seeds import mix_seeds
 from mergebench.spec import Transform, apply_transforms
 
+SCHEDULES = ("constant", "multi_step")
+MILESTONES = (0.5, 0.75)  # multi_step: fractions of the epochs after which the lr is divided by 10 (YM's STE code)
+
 
 @dataclasses.dataclass
 class STEParams:
     epochs: int = 10
     lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
     batch_size: int | None = None
     seed: int = 0
 
@@ -40,8 +48,23 @@ class STEParams:
             raise ConfigError(f"epochs={self.epochs} must be >= 0")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"schedule={self.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
         if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"batch_size={self.batch_size} must be a positive integer or null (the recipe's)")
+
+
+def epoch_lr(params: STEParams, epoch: int) -> float:
+    """The lr of 1-based `epoch`: multi_step divides it by 10 once epoch int(f·epochs) is over, for each f in
+    MILESTONES (epochs 1-500 of 1000 at lr, 501-750 at lr/10, then lr/100), as YM's per-epoch MultiStepLR does."""
+    if params.schedule == "constant":
+        return params.lr
+    passed = sum(int(f * params.epochs) < epoch for f in MILESTONES)
+    return params.lr * 0.1**passed
 
 
 def _as_transforms(perms: dict[str, Tensor]) -> dict[str, Transform]:
@@ -73,7 +96,7 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
     param_names = [name for name, _ in ref.named_parameters()]
     free = {k: state_a[k].clone().requires_grad_(True) for k in param_names}  # θ̃, initialised at θ_A
     params_b = {k: state_b[k] for k in param_names}
-    optimizer = torch.optim.SGD(free.values(), lr=params.lr, momentum=0.9)
+    optimizer = torch.optim.SGD(free.values(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay)
     net = ctx.build_model().train()  # structure only: functional_call supplies every tensor
 
     def match(perms: dict[str, Tensor] | None, step: int) -> dict[str, Tensor]:
@@ -94,6 +117,9 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
     batches = ctx.fit_batches(shuffle=True, seed=seed, batch_size=params.batch_size or ctx.batch_size)
     with EpochProgress("STE", params.epochs, len(batches)) as progress:
         for epoch in range(1, params.epochs + 1):
+            lr = epoch_lr(params, epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
             for x, y in batches:
                 step += 1
                 perms = match(perms, step)
@@ -109,9 +135,14 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
             val_loss = held_out_loss(perms)
             if val_loss < best_loss:
                 best_loss, best_perms, best_epoch = val_loss, perms, epoch
-            progress.epoch_end(epoch, loss.item(), params.lr, extra=f"held-out {val_loss:.3f}")
+            progress.epoch_end(epoch, loss.item(), lr, extra=f"held-out {val_loss:.3f}")
+    with torch.no_grad():  # how far θ̃ moved from θ_A: what the lr, momentum and weight decay did
+        shift = torch.linalg.vector_norm(torch.cat([(free[k] - state_a[k]).flatten() for k in param_names]))
+        scale = torch.linalg.vector_norm(torch.cat([state_a[k].flatten() for k in param_names]))
     diagnostics = {
         "epochs": params.epochs,
+        "final_lr": optimizer.param_groups[0]["lr"],
+        "free_shift": float(shift / scale),
         "best_epoch": best_epoch,
         "held_out_loss": best_loss,
         "wm_held_out_loss": initial_loss,

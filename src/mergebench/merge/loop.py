@@ -1,5 +1,6 @@
-"""The optimisation loop NP Merge and merge-then-finetune share: Adam on the merge data, cross-entropy, a progress
-bar with the loss. Sharing it keeps the NP-vs-finetune cost comparison about the blend alone."""
+"""The optimisation loop NP Merge, the learned soup and merge-then-finetune share: Adam on the merge data,
+cross-entropy, a progress bar with the loss. Sharing it keeps the NP-vs-finetune cost comparison about the blend
+alone."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call
 
 from mergebench.data.loader import Batches
 from mergebench.progress import EpochProgress
@@ -41,3 +43,28 @@ def adam_epochs(
             epoch_losses.append(total.item() / max(count, 1))
             progress.epoch_end(epoch + 1, epoch_losses[-1], lr)
     return epoch_losses
+
+
+def learn_blend(
+    net: nn.Module,
+    params: Callable[[], dict[str, Tensor]],
+    logits: Iterable[Tensor],
+    batches: Batches,
+    *,
+    lr: float,
+    epochs: int,
+    label: str,
+) -> list[float]:
+    """Learn mixing `logits` through `net`'s forward with the parameters `params()` builds from them (recomputed in
+    every call, so gradients reach the logits; BatchNorm on batch statistics), then write the final parameters
+    into `net`: NP Merge's α and the learned soup's weights. Returns the epochs' losses."""
+    net.requires_grad_(False).train()
+    losses = adam_epochs(
+        lambda x: functional_call(net, params(), (x,)), logits, batches, lr=lr, epochs=epochs, label=label
+    )
+    with torch.no_grad():
+        final = params()
+        for name, p in net.named_parameters():
+            p.copy_(final[name])
+    net.requires_grad_(True)  # a plain model again, as every aggregator returns
+    return losses

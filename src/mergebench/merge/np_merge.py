@@ -23,7 +23,7 @@ from torch.func import functional_call
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.avg import uniform_weights, weighted_state
-from mergebench.merge.loop import adam_epochs
+from mergebench.merge.loop import learn_blend
 from mergebench.merge.registry import AGGREGATORS, Merged
 
 TENSOR_CHOICES = ("all", "weights_only")
@@ -148,22 +148,17 @@ def aggregate_np(params: NPParams, models: list[nn.Module], ctx: MergeContext) -
 
     net = ctx.build_model()
     net.load_state_dict(weighted_state(models, fixed_weights))  # buffers; parameters come from the blend
-    net.requires_grad_(False).train()  # BatchNorm normalises with batch statistics while α is learned
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
-    losses = adam_epochs(
-        blended_forward(net, blend),
+    losses = learn_blend(
+        net,
+        blend.params,
         blend.logits.values(),
         ctx.seeded_fit_batches(),
         lr=params.lr,
         epochs=params.epochs,
         label=f"NP Merge ({num_models} models)",
     )
-    with torch.no_grad():
-        final = blend.params()
-        for name, p in net.named_parameters():
-            p.copy_(final[name])
-    net.requires_grad_(True)  # a plain model again, as every aggregator returns
     alphas = blend.learned_weights()
     diagnostics = {
         "np_epoch_loss": losses,

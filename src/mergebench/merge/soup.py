@@ -13,12 +13,11 @@ import dataclasses
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.avg import uniform_weights, weighted_state
-from mergebench.merge.loop import adam_epochs
+from mergebench.merge.loop import learn_blend
 from mergebench.merge.registry import AGGREGATORS, Merged
 
 GRANULARITIES = ("model", "layer")
@@ -69,20 +68,15 @@ def aggregate_soup(params: SoupParams, models: list[nn.Module], ctx: MergeContex
     soup = Soup([dict(m.named_parameters()) for m in models], params.granularity)
     net = ctx.build_model()
     net.load_state_dict(weighted_state(models, uniform_weights(len(models))))  # buffers; parameters: the soup's
-    net.requires_grad_(False).train()  # BatchNorm normalises with batch statistics while the weights are learned
-    losses = adam_epochs(
-        lambda x: functional_call(net, soup.params(), (x,)),
+    losses = learn_blend(
+        net,
+        soup.params,
         [soup.logits],
         ctx.seeded_fit_batches(),
         lr=params.lr,
         epochs=params.epochs,
         label=f"Learned soup ({len(models)} models, per {params.granularity})",
     )
-    with torch.no_grad():
-        final = soup.params()
-        for name, p in net.named_parameters():
-            p.copy_(final[name])
-    net.requires_grad_(True)
     weights = soup.weights().detach().cpu()
     learned = {"model": weights[0]} if params.granularity == "model" else dict(zip(soup.names, weights))
     diagnostics = {

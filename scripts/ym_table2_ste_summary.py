@@ -1,0 +1,99 @@
+"""YM Table 2's STE and Coreset AB rows: the ablation rows (seed 0) and the final cells (mean ± std over seeds,
+YM's value, delta) from the runs' results.csv (top-1 on the whole test set D_AB), as docs/results/ym_table2_ste.md
+quotes them:
+
+    python scripts/ym_table2_ste_summary.py outputs/ym_ste --out docs/results/ym_table2_ste
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("runs", type=Path, help="the folder holding full/, coreset/ and ablation/ sweep folders")
+parser.add_argument("--out", type=Path, required=True)
+args = parser.parse_args()
+ROOT, OUT = args.runs, args.out
+OUT.mkdir(parents=True, exist_ok=True)
+PAPER = {  # YM Table 2
+    ("mnist_rmnist90", "STE (Coreset)"): 88.78,
+    ("mnist_rmnist90", "Coreset AB"): 67.77,
+    ("mnist_rmnist90", "STE (Full)"): 93.52,
+    ("mnist_fmnist", "STE (Coreset)"): 77.77,
+    ("mnist_fmnist", "Coreset AB"): 66.03,
+    ("mnist_fmnist", "STE (Full)"): 83.76,
+}
+ABLATION = {  # folder: what differs from the new preset (seed 0)
+    "ablation/old": "old preset: union 10/class (100 img), STE 10 ep lr 0.01 no wd, Coreset AB = base recipe",
+    "ablation/each_client": "old preset + 10/class from each client (200 img)",
+    "ablation/union": "new preset but 10/class of the union (100 img)",
+    "ablation/no_wd": "new preset but STE weight decay 0",
+    "ablation/constant_lr": "new preset but STE constant lr (no multi-step)",
+    "coreset": "new preset: 10/class each client, STE 1000 ep lr 0.1 wd 1e-4 multi-step, Coreset AB 200 ep lr 0.05",
+    "full": "STE (Full): 5 epochs lr 0.1 wd 1e-4 on all the merge data",
+}
+
+
+def cells(csv: Path) -> dict[str, float]:
+    d = pd.read_csv(csv)
+    d = d[(d.metric == "top1") & (d.subset == "test")]
+    out = {}
+    for _, r in d.iterrows():
+        if r.model_role == "coreset":
+            out["Coreset AB"] = r.value
+        elif r.model_role == "merged":
+            out["STE"] = r.value
+            diag = json.loads(r.diagnostics) if isinstance(r.diagnostics, str) else {}
+            out["ste_best_epoch"] = diag.get("align_best_epoch")
+            out["ste_seconds"] = diag.get("align_seconds")
+    return out
+
+
+rows = []
+for csv in sorted(ROOT.glob("*/*/0/results.csv")):
+    group, run = csv.parent.parent.parent.name, csv.parent.parent.name
+    prefix, _, rest = run.partition("_s")
+    seed, scenario = rest.split("_", 1) if group == "ablation" else run[1:].split("_", 1)
+    key = f"{group}/{prefix}" if group == "ablation" else group
+    rows.append(
+        {
+            "run": f"{group}/{run}",
+            "setting": ABLATION.get(key, key),
+            "scenario": scenario,
+            "seed": int(seed),
+            **cells(csv),
+        }
+    )
+df = pd.DataFrame(rows)
+print(df.to_string())
+ab = df[df.seed == 0][["run", "setting", "scenario", "seed", "STE", "Coreset AB", "ste_best_epoch", "ste_seconds"]]
+ab.to_csv(OUT / "ablation.csv", index=False, float_format="%.2f")
+
+final = []
+for scenario in ("mnist_rmnist90", "mnist_fmnist"):
+    for label, group, col in (
+        ("STE (Full)", "full", "STE"),
+        ("STE (Coreset)", "coreset", "STE"),
+        ("Coreset AB", "coreset", "Coreset AB"),
+    ):
+        v = df[(df.run.str.startswith(group + "/")) & (df.scenario == scenario)][col].dropna()
+        if v.empty:
+            continue
+        paper = PAPER[(scenario, label)]
+        final.append(
+            {
+                "scenario": scenario,
+                "row": label,
+                "n_seeds": len(v),
+                "mean": v.mean(),
+                "std": v.std(ddof=1) if len(v) > 1 else 0.0,
+                "values": " ".join(f"{x:.2f}" for x in v),
+                "paper": paper,
+                "delta": v.mean() - paper,
+            }
+        )
+fin = pd.DataFrame(final)
+print(fin.to_string())
+fin.to_csv(OUT / "final_cells.csv", index=False, float_format="%.2f")
