@@ -105,14 +105,15 @@ def _output_shape(model: nn.Module, x: Tensor) -> tuple[int, ...] | None:
     return tuple(out.shape) if isinstance(out, Tensor) else None
 
 
-def verification_input(model: nn.Module, x: Tensor) -> Tensor:
+def verification_input(model: nn.Module, x: Tensor, full: tuple[int, ...] | None = None) -> Tensor:
     """`x`, or its central SMALL_SIDE×SMALL_SIDE crop where the model takes it and gives logits of the same shape
-    (a flatten into a fixed-size Linear or a positional embedding does not: those models keep the full size)."""
+    (a flatten into a fixed-size Linear or a positional embedding does not: those models keep the full size).
+    `full`: the logits' shape on `x`, where the caller has it already."""
     if x.dim() != 4 or min(x.shape[2:]) <= SMALL_SIDE:
         return x
     top, left = (x.shape[2] - SMALL_SIDE) // 2, (x.shape[3] - SMALL_SIDE) // 2
     crop = x[:, :, top : top + SMALL_SIDE, left : left + SMALL_SIDE].contiguous()
-    full = _output_shape(model, x)
+    full = _output_shape(model, x) if full is None else full
     if full is None or _output_shape(model, crop) != full:
         return x
     return crop
@@ -193,7 +194,8 @@ def checked_spec(
     the diagnostics to record beside the merge. Logits of the wrong width (a user model built for other data)
     stop here too, where `num_classes` is known, and REPAIR on layers whose units are not on dim 1."""
     spec, info = model_spec(models[0], x)
-    x = verification_input(models[0], x)
+    shape = _output_shape(models[0], x)  # the crop, where taken, gives logits of this shape too
+    x = verification_input(models[0], x, shape)
     last = info.get("spec_channels_last")
     if repair == "repair" and last:
         shown = ", ".join(last[:3]) + (f" and {len(last) - 3} more" if len(last) > 3 else "")
@@ -201,7 +203,6 @@ def checked_spec(
             f"repair=repair corrects conv/linear outputs with their units on dim 1, but {shown} put them last "
             "(channels-last): use repair=reset_bn or repair=none for this model"
         )
-    shape = _output_shape(models[0], x)
     width = (shape if shape is not None else _logits(models[0], x, "eval").shape)[-1]
     if num_classes is not None and width != num_classes:
         raise ConfigError(f"the model outputs {width} logits but the dataset has {num_classes} classes")
