@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch import Tensor, nn
+from torch import nn
 
-from mergebench.align.activations import GroupStats, activation_stats
+from mergebench.align.activations import stacked_moments
 from mergebench.align.ot import ot_fusion
 from mergebench.align.permute import correlation_matching
 from mergebench.align.weight_matching import parameters
-from mergebench.align.zipit import DEAD_STD_PRODUCT, zip_features
+from mergebench.align.zipit import zip_features
 from mergebench.bench_record import write_record
 from mergebench.merge.c2m3 import universe_matching
 from mergebench.models import MODELS, ModelInput
@@ -38,13 +38,6 @@ def build(seed: int) -> nn.Module:
     torch.manual_seed(seed)
     entry = MODELS.get("resnet20")
     return entry.factory(entry.params(width=4), CIFAR).eval()
-
-
-def stacked_correlation(s: GroupStats) -> Tensor:
-    """A's and B's units stacked (2n × 2n Pearson correlation), from the same sums permute reads."""
-    cov = torch.cat([torch.cat([s.cov_a, s.cov_ab], 1), torch.cat([s.cov_ab.T, s.cov_b], 1)], 0)
-    std = cov.diagonal().clamp_min(0).sqrt()
-    return cov / torch.outer(std, std).clamp_min(DEAD_STD_PRODUCT)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -71,12 +64,11 @@ def main() -> None:
         (torch.randn(min(args.batch_size, args.inputs - i), 3, 32, 32, generator=gen), None)
         for i in range(0, args.inputs, args.batch_size)
     ]
-    stats_s, stats = timed(lambda: activation_stats(spec, model_a, model_b, batches))
+    stats_s, moments = timed(lambda: stacked_moments(spec, [model_a, model_b], batches))
+    stats = {g: m.pair_stats() for g, m in moments.items()}
     permute_s, _ = timed(lambda: correlation_matching(stats))
     ot_acts_s, (_, ot_acts) = timed(lambda: ot_fusion(spec, parameters(model_a), parameters(model_b), stats=stats))
-    zipit_s, zips = timed(
-        lambda: [zip_features(stacked_correlation(s), 2, ZIPIT_ALPHA, ZIPIT_BETA) for s in stats.values()]
-    )
+    zipit_s, zips = timed(lambda: [zip_features(m.correlation(), 2, ZIPIT_ALPHA, ZIPIT_BETA) for m in moments.values()])
     ot_weights_s, (_, ot_weights) = timed(lambda: ot_fusion(spec, parameters(model_a), parameters(model_b)))
     c2m3_s, (_, c2m3) = timed(
         lambda: universe_matching(spec, [parameters(model_a), parameters(model_b)], max_iter=args.c2m3_iters)

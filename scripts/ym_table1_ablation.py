@@ -21,8 +21,10 @@ import pandas as pd
 PAPER = {0.0: 98.49, 15.0: 97.53, 30.0: 94.69, 45.0: 89.68, 60.0: 80.33, 75.0: 74.19, 90.0: 70.86}  # YM Table 1, WM
 SGD = "train.optimizer=sgd train.lr=0.1 train.momentum=0.9 train.weight_decay=0 train.schedule=constant"
 UNIT = "data.dataset.normalize=unit"
-# the old preset's recipe (conf/train/mlp.yaml: Adam 1e-3, mean/std inputs), on which each factor is changed
+# the old preset's recipe (conf/train/mlp.yaml: Adam 1e-3, mean/std inputs), on which the first rows change a factor
 BASE = "experiment=ym_table1 train=mlp data.dataset.normalize=standard curve.points=0"
+# the current preset (conf/train/mlp_ym.yaml: YM's recipe, 20 epochs), on which the `preset_*` rows change a factor
+PRESET_BASE = "experiment=ym_table1 curve.points=0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,7 @@ class Config:
     setting: str
     overrides: str
     angles: str = "45,90"
+    base: str = BASE
 
 
 CONFIGS = [
@@ -110,6 +113,39 @@ CONFIGS = [
         f"{SGD} {UNIT} ++train.init_seed=$s train.epochs=100",
         "90,60",
     ),
+    # one factor changed from the current preset (YM's recipe at 20 epochs, current weight matching)
+    Config(
+        "preset_m0_e20",
+        "momentum (current code)",
+        "SGD without momentum (YM App. C.8 names none; its code uses 0.9), otherwise the preset",
+        "train.momentum=0",
+        "45,60,90",
+        PRESET_BASE,
+    ),
+    Config(
+        "preset_cos_e20",
+        "schedule (current code)",
+        "warm-up 10 steps + cosine to 0 (Git Re-Basin's SGD) instead of constant, otherwise the preset",
+        "train.schedule=warmup_cosine train.warmup_epochs=0.0834",
+        "45,60,90",
+        PRESET_BASE,
+    ),
+    Config(
+        "preset_adam_unit_e20",
+        "optimiser (current code)",
+        "Adam 1e-3 (Git Re-Basin's other recipe) on x/255 inputs, otherwise the preset",
+        "train.optimizer=adam train.lr=0.001",
+        "45,60,90",
+        PRESET_BASE,
+    ),
+    Config(
+        "preset_e100",
+        "epochs (current code)",
+        "100 epochs (YM's length) instead of 20, otherwise the preset",
+        "train.epochs=100",
+        "60,75,90",
+        PRESET_BASE,
+    ),
 ]
 # the current preset's YM Table 1 runs (--preset DIR): weight matching with align.start=sweep, the default
 PRESET = Config(
@@ -123,8 +159,8 @@ COLUMNS = ["config", "scenario", "seed", "method_label", "model_role", "metric",
 
 
 def command(config: Config) -> str:
-    """BASE then the configuration's overrides, each key once (the last value wins, as on Hydra's command line)."""
-    pairs = dict(item.split("=", 1) for item in f"{BASE} data.angle={config.angles} {config.overrides}".split())
+    """The configuration's base then its overrides, each key once (the last value wins, as on Hydra's command line)."""
+    pairs = dict(item.split("=", 1) for item in f"{config.base} data.angle={config.angles} {config.overrides}".split())
     return " ".join(f"{k}={v}" for k, v in pairs.items())
 
 

@@ -1,14 +1,14 @@
 """Passes over the merge data that aligners (and REPAIR) share.
 
-`activation_stats` runs model A and model B side by side over the batches once, with forward hooks on every
-group's probe modules, and streams per-group means, covariances and the A×B cross-covariance into float64
-accumulators of size width² — activations are never kept beyond the batch that produced them.
+`stacked_moments` runs K models side by side over the batches once, with forward hooks on every group's probe
+modules, and streams per-group means and covariances of all models' units stacked into float64 accumulators of size
+(K·width)² — activations are never kept beyond the chunk that produced them. `activation_stats` reads A's and B's
+statistics (permute, CCA, OT, REPAIR) from it with K = 2, ZipIt! its K-model correlation.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from collections.abc import Callable, Iterable
 
 import torch
@@ -45,7 +45,7 @@ class GroupStats:
         return self.cov_ab / (torch.outer(self.std_a, self.std_b) + eps)
 
 
-STATS_CHUNK = 100  # samples per forward in the statistics pass: A's probe outputs wait for B's, so keep them small
+STATS_CHUNK = 100  # samples per forward in the statistics pass: every model's probe outputs wait for the last's
 
 
 CHANNELS_FIRST = ProbeView()
@@ -60,52 +60,113 @@ def channel_first(output: Tensor, view: ProbeView = CHANNELS_FIRST) -> Tensor:
     return output.movedim(view.axis, 0)
 
 
-class _GroupAccumulator:
-    """Running float64 sums and sums of products of one group's units, A's and B's stacked as one vector.
+DEAD_STD_PRODUCT = 1e-12  # a unit with zero variance correlates 0 with every other unit, instead of NaN
 
-    Per batch and probe, A's and B's outputs are copied, shifted by the first batch's means (so a large mean does
-    not swamp the variance when the per-batch product runs in the model's dtype), into one [2·width, samples]
-    matrix z, and z·zᵀ — A×A, A×B and B×B in one matmul — is added to the float64 accumulator. Memory is O(width²)
-    plus A's probe outputs of one chunk of samples; the shift is undone at the end.
+
+class StackedMoments:
+    """Running float64 sums and sums of products of one group's units of K models, stacked as one vector
+    [model 0's units, model 1's, …] over the samples the models see together.
+
+    Each model's probe outputs (units first) wait until every model has run the same chunk of samples; `fold` then
+    copies them, shifted by the first chunk's means (so a large mean does not swamp the variance when the product
+    runs in the model's dtype), into one [Σ widths, samples] matrix z and adds z·zᵀ (every pair of models'
+    cross-covariance in one matmul) to the accumulator. Memory is O((Σ widths)²) plus one chunk's probe outputs.
     """
 
-    def __init__(self) -> None:
-        self.outputs_a: deque[Tensor] = deque()
+    def __init__(self, num_models: int) -> None:
+        self.outputs: list[list[Tensor]] = [[] for _ in range(num_models)]
+        self.widths: list[int] = []
         self.count = 0
         self.shift: Tensor | None = None
         self.sums: Tensor | None = None
         self.products: Tensor | None = None
 
-    def add_b(self, view_b: Tensor) -> None:
-        """Fold B's probe output (units first), with A's of the same probe call (A ran first), into the sums."""
-        view_a = self.outputs_a.popleft()
-        width = view_a.shape[0]
-        if self.shift is None:
-            self.shift = torch.cat([view_a.reshape(width, -1).mean(1), view_b.reshape(width, -1).mean(1)])
-            self.sums = torch.zeros(2 * width, dtype=torch.float64, device=view_a.device)
-            self.products = torch.zeros(2 * width, 2 * width, dtype=torch.float64, device=view_a.device)
-        z = torch.empty(2 * width, view_a[0].numel(), dtype=view_a.dtype, device=view_a.device)
-        shift = self.shift.view(-1, *(1,) * (view_a.dim() - 1))
-        torch.sub(view_a, shift[:width], out=z[:width].view(view_a.shape))
-        torch.sub(view_b, shift[width:], out=z[width:].view(view_b.shape))
-        self.count += z.shape[1]
-        self.sums += z.sum(dim=1, dtype=torch.float64)
-        self.products += z @ z.T
+    def fold(self) -> None:
+        """Fold the outputs waiting since the last fold: the i-th probe call of every model saw the same samples."""
+        for calls in zip(*self.outputs, strict=True):
+            if self.shift is None:
+                self.widths = [units.shape[0] for units in calls]
+                self.shift = torch.cat([units.reshape(units.shape[0], -1).mean(1) for units in calls])
+                size = sum(self.widths)
+                self.sums = torch.zeros(size, dtype=torch.float64, device=self.shift.device)
+                self.products = torch.zeros(size, size, dtype=torch.float64, device=self.shift.device)
+            assert self.sums is not None and self.products is not None
+            z = torch.empty(sum(self.widths), calls[0][0].numel(), dtype=calls[0].dtype, device=calls[0].device)
+            start = 0
+            for units, width in zip(calls, self.widths, strict=True):
+                shift = self.shift[start : start + width].view(-1, *(1,) * (units.dim() - 1))
+                torch.sub(units, shift, out=z[start : start + width].view(units.shape))
+                start += width
+            self.count += z.shape[1]
+            self.sums += z.sum(dim=1, dtype=torch.float64)
+            self.products += z @ z.T
+        for outputs in self.outputs:
+            outputs.clear()
 
-    def result(self) -> GroupStats:
+    def mean_cov(self) -> tuple[Tensor, Tensor]:
+        """The stacked vector's mean and covariance (population normalisation 1/count), the shift undone."""
         assert self.shift is not None and self.sums is not None and self.products is not None, "probes never ran"
-        w = self.sums.shape[0] // 2
         mean = self.sums / self.count
         cov = self.products / self.count - torch.outer(mean, mean)
-        mean = mean + self.shift.double()
+        return mean + self.shift.double(), cov
+
+    def correlation(self) -> Tensor:
+        """Pearson correlation of all stacked units (ZipIt!'s K·n × K·n similarity)."""
+        _, cov = self.mean_cov()
+        std = cov.diagonal().clamp_min(0).sqrt()
+        return cov / torch.outer(std, std).clamp_min(DEAD_STD_PRODUCT)
+
+    def pair_stats(self) -> GroupStats:
+        """Models 0 and 1 as A and B."""
+        mean, cov = self.mean_cov()
+        a, b = self.widths[0], self.widths[0] + self.widths[1]
         return GroupStats(
             count=self.count,
-            mean_a=mean[:w],
-            mean_b=mean[w:],
-            cov_a=cov[:w, :w],
-            cov_b=cov[w:, w:],
-            cov_ab=cov[:w, w:],
+            mean_a=mean[:a],
+            mean_b=mean[a:b],
+            cov_a=cov[:a, :a],
+            cov_b=cov[a:b, a:b],
+            cov_ab=cov[:a, a:b],
         )
+
+
+@torch.no_grad()
+def stacked_moments(
+    spec: PermutationSpec,
+    models: list[nn.Module],
+    batches: Iterable[tuple[Tensor, Tensor | None]],
+    groups: Iterable[str] | None = None,
+) -> dict[str, StackedMoments]:
+    """Per group, the moments of all models' units stacked, from one eval-mode pass of every model over `batches`
+    (every spatial position a sample; a group's probes pool their samples).
+
+    Probe outputs are read after every model ran a chunk, so they must not be modified in place by later layers
+    (no architecture here does; the streaming test would catch it).
+    """
+    accumulators = {g: StackedMoments(len(models)) for g in (spec.probes if groups is None else groups)}
+    handles = []
+    for k, model in enumerate(models):
+        modules = dict(model.named_modules())
+        for group, acc in accumulators.items():
+            for probe in spec.probes[group]:
+                view = spec.probe_views.get(probe, CHANNELS_FIRST)
+                handles.append(modules[probe].register_forward_hook(_units_to(acc.outputs[k].append, view)))
+    modes = [model.training for model in models]
+    try:
+        for model in models:
+            model.eval()
+        for x, _ in batches:
+            for chunk in x.split(STATS_CHUNK):  # eval mode: per-sample, so chunking changes nothing but memory
+                for model in models:
+                    model(chunk)
+                for acc in accumulators.values():
+                    acc.fold()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for model, mode in zip(models, modes, strict=True):
+            model.train(mode)
+    return accumulators
 
 
 def _units_to(sink: Callable[[Tensor], None], view: ProbeView) -> Callable[..., None]:
@@ -113,38 +174,12 @@ def _units_to(sink: Callable[[Tensor], None], view: ProbeView) -> Callable[..., 
     return lambda module, inputs, output: sink(channel_first(output, view))
 
 
-@torch.no_grad()
 def activation_stats(
     spec: PermutationSpec,
     model_a: nn.Module,
     model_b: nn.Module,
-    batches: Iterable[tuple[Tensor, Tensor]],
+    batches: Iterable[tuple[Tensor, Tensor | None]],
     groups: Iterable[str] | None = None,
 ) -> dict[str, GroupStats]:
-    """Per-group statistics of A's and B's probe outputs in one eval-mode pass of both models over `batches`.
-
-    Probe outputs are read after both forwards of a batch, so they must not be modified in place by later
-    layers (no architecture here does; the streaming test would catch it).
-    """
-    accumulators = {g: _GroupAccumulator() for g in (spec.probes if groups is None else groups)}
-    modules_a, modules_b = dict(model_a.named_modules()), dict(model_b.named_modules())
-    handles = []
-    for group, acc in accumulators.items():
-        for probe in spec.probes[group]:
-            view = spec.probe_views.get(probe, CHANNELS_FIRST)
-            handles.append(modules_a[probe].register_forward_hook(_units_to(acc.outputs_a.append, view)))
-            handles.append(modules_b[probe].register_forward_hook(_units_to(acc.add_b, view)))
-    modes = model_a.training, model_b.training
-    model_a.eval()
-    model_b.eval()
-    try:
-        for x, _ in batches:
-            for chunk in x.split(STATS_CHUNK):  # eval mode: per-sample, so chunking changes nothing but memory
-                model_a(chunk)
-                model_b(chunk)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model_a.train(modes[0])
-        model_b.train(modes[1])
-    return {g: acc.result() for g, acc in accumulators.items()}
+    """Per-group statistics of A's and B's probe outputs in one eval-mode pass of both models over `batches`."""
+    return {g: m.pair_stats() for g, m in stacked_moments(spec, [model_a, model_b], batches, groups).items()}

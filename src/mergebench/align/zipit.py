@@ -36,22 +36,20 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mergebench.align.activations import CHANNELS_FIRST, STATS_CHUNK, channel_first
+from mergebench.align.activations import stacked_moments
 from mergebench.align.registry import ALIGNERS, JointAligner, JointAlignment
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
 from mergebench.merge.avg import mean_model
-from mergebench.spec import PermutationSpec, ProbeView, Transform, apply_transforms
-
-DEAD_STD_PRODUCT = 1e-12  # a unit with zero variance correlates 0 with every other, instead of NaN
+from mergebench.spec import PermutationSpec, Transform, apply_transforms
 
 
 @dataclasses.dataclass
@@ -82,78 +80,6 @@ class ZipItParams:
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-
-
-class _Stacked:
-    """Running float64 sums of one group's units of K models stacked as one vector [model 0's, model 1's, …].
-
-    Probe outputs of one chunk of samples wait until every model has run it, are shifted by the first chunk's
-    means (so a large mean does not swamp the variance in the model's dtype) and folded into Σz and Σz·zᵀ."""
-
-    def __init__(self, num_models: int) -> None:
-        self.outputs: list[list[Tensor]] = [[] for _ in range(num_models)]
-        self.count = 0
-        self.shift: Tensor | None = None
-        self.sums: Tensor | None = None
-        self.products: Tensor | None = None
-
-    def fold(self) -> None:
-        for calls in zip(*self.outputs, strict=True):  # one probe call of every model: the same samples
-            z = torch.cat([units.reshape(units.shape[0], -1) for units in calls])  # each: units first
-            if self.shift is None:
-                self.shift = z.mean(dim=1, keepdim=True)
-                self.sums = torch.zeros(z.shape[0], dtype=torch.float64, device=z.device)
-                self.products = torch.zeros(z.shape[0], z.shape[0], dtype=torch.float64, device=z.device)
-            z = z - self.shift
-            self.count += z.shape[1]
-            self.sums += z.sum(dim=1, dtype=torch.float64)
-            self.products += z @ z.T
-        for outputs in self.outputs:
-            outputs.clear()
-
-    def correlation(self) -> Tensor:
-        assert self.sums is not None and self.products is not None, "probes never ran"
-        mean = self.sums / self.count
-        cov = self.products / self.count - torch.outer(mean, mean)
-        std = cov.diagonal().clamp_min(0).sqrt()
-        return cov / torch.outer(std, std).clamp_min(DEAD_STD_PRODUCT)
-
-
-@torch.no_grad()
-def stacked_correlations(
-    spec: PermutationSpec, models: list[nn.Module], batches: Iterable[tuple[Tensor, Tensor]], groups: Iterable[str]
-) -> dict[str, Tensor]:
-    """Per group, the K·n × K·n Pearson correlation of all models' units stacked, from one eval-mode pass of every
-    model over `batches` (every spatial position a sample; a group's probes pool their samples)."""
-    accumulators = {g: _Stacked(len(models)) for g in groups}
-    handles = []
-    for k, model in enumerate(models):
-        modules = dict(model.named_modules())
-        for group, acc in accumulators.items():
-            for probe in spec.probes[group]:
-                view = spec.probe_views.get(probe, CHANNELS_FIRST)
-                hook = functools.partial(_keep_units, acc.outputs[k], view)
-                handles.append(modules[probe].register_forward_hook(hook))
-    modes = [m.training for m in models]
-    try:
-        for model in models:
-            model.eval()
-        for x, _ in batches:
-            for chunk in x.split(STATS_CHUNK):
-                for model in models:
-                    model(chunk)
-                for acc in accumulators.values():
-                    acc.fold()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for model, mode in zip(models, modes):
-            model.train(mode)
-    return {g: acc.correlation() for g, acc in accumulators.items()}
-
-
-def _keep_units(store: list[Tensor], view: ProbeView, module: nn.Module, inputs: Any, output: Tensor) -> None:
-    store.append(channel_first(output, view))
 
 
 # ---------------------------------------------------------------------------------------------- matching
@@ -388,7 +314,7 @@ def align_zipit(params: ZipItParams, models: list[nn.Module], ctx: MergeContext)
     if params.stop_at is not None:
         cut = find_cut(ctx.spec, models[0], next(iter(ctx.fit_batches(batch_size=8)))[0], params.stop_at)
         groups = list(cut.groups)
-    correlations = stacked_correlations(ctx.spec, models, batches, groups)
+    correlations = {g: m.correlation() for g, m in stacked_moments(ctx.spec, models, batches, groups).items()}
     alphas = params.alpha_grid if params.alpha is None else [params.alpha]
     betas = params.beta_grid if params.beta is None else [params.beta]
     searched = len(alphas) * len(betas) > 1
