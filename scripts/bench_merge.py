@@ -16,6 +16,7 @@ outputs/bench/<--record>.json (default bench_merge).
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import statistics
 import time
@@ -29,8 +30,8 @@ from torch import nn
 from mergebench.bench_record import write_record
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.loader import Batches
-from mergebench.merge.loop import adam_epochs
-from mergebench.merge.np_merge import ParameterBlend, blended_forward
+from mergebench.merge.loop import adam_epochs, learn_blend
+from mergebench.merge.np_merge import ParameterBlend
 from mergebench.models import MODELS, ModelInput
 from mergebench.progress import console
 
@@ -85,11 +86,12 @@ def build(arch: str, overrides: dict, seed: int, device: torch.device) -> nn.Mod
 
 
 def np_epoch(models: list[nn.Module], batches: Batches) -> Callable[[], None]:
+    net = copy.deepcopy(models[0])  # NP Merge's own network (aggregate_np builds one), built before the clock starts
+
     def run() -> None:
         sources = [dict(m.named_parameters()) for m in models]
         blend = ParameterBlend(sources, list(sources[0]))
-        net = models[0].requires_grad_(False).train()
-        adam_epochs(blended_forward(net, blend), blend.logits.values(), batches, lr=0.01, epochs=1, label="NP epoch")
+        learn_blend(net, blend.params, blend.logits.values(), batches, lr=0.01, epochs=1, label="NP epoch")
         del blend
 
     return run

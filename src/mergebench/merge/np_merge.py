@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
@@ -130,12 +128,6 @@ def mean_weights(blend: ParameterBlend, fixed_weights: list[float]) -> list[floa
             totals += torch.tensor(fixed_weights, dtype=torch.float64) * n
             count += n
     return (totals / max(count, 1)).tolist()
-
-
-def blended_forward(net: nn.Module, blend: ParameterBlend) -> Callable[[Tensor], Tensor]:
-    """`net`'s forward with the blend's parameters (its own buffers): the blend is recomputed inside every call,
-    so gradients reach the logits and nothing is copied into the module."""
-    return lambda x: functional_call(net, blend.params(), (x,))
 
 
 @AGGREGATORS.register("np", NPParams, label="NP-{abbrev}", abbrev="NP")
