@@ -25,7 +25,7 @@ def load(folder: Path) -> pd.DataFrame:
 
 def barriers(rows: pd.DataFrame) -> pd.DataFrame:
     """One row per run: arch, width, repair, seed, the base models, their average, the ensemble and the merge."""
-    keys = ["arch", "width", "norm", "repair", "seed"]
+    keys = ["experiment", "arch", "width", "norm", "repair", "seed"]  # experiment: the run's name (its recipe)
     roles = {"base_0": "A", "base_1": "B", "base_avg": "base avg", "ensemble": "ensemble", "merged": "merged"}
     wide = rows[rows.model_role.isin(list(roles))].pivot_table(
         index=keys, columns="model_role", values="value", aggfunc="first"
@@ -38,7 +38,7 @@ def barriers(rows: pd.DataFrame) -> pd.DataFrame:
 def repair_fraction(table: pd.DataFrame, min_base: float) -> pd.DataFrame:
     """Per (arch, width, seed): the barrier without repair, with it, and the fraction REPAIR removes; `trained` is
     false where a base model stayed below `min_base` % (a failed training makes the barrier meaningless)."""
-    keys = ["arch", "width", "seed"]
+    keys = ["experiment", "arch", "width", "seed"]
     none = table[table.repair == "none"].set_index(keys)
     fixed = table[table.repair == "repair"].set_index(keys)
     repaired = fixed[["merged", "barrier"]].rename(columns=lambda c: f"{c} (repair)")
@@ -64,9 +64,39 @@ def main() -> None:
     print(fraction.round(3).to_string(index=False))
     trained = fraction[fraction.trained]
     print(f"fraction removed, trained pairs: {trained['fraction removed'].mean():.3f} over {len(trained)}")
-    by_width = table[table.repair == "reset_bn"].groupby(["arch", "width"]).barrier.agg(["mean", "std", "count"])
-    by_width.to_csv(args.out / "barrier_by_width.csv")
-    print(by_width.round(2).to_string())
+    by_width = barrier_by_width(table[table.repair == "reset_bn"])
+    by_width.to_csv(args.out / "barrier_by_width.csv", index=False)
+    (args.out / "barrier_by_width.md").write_text(markdown(by_width))
+    print(by_width.round(2).to_string(index=False))
+
+
+def barrier_by_width(table: pd.DataFrame) -> pd.DataFrame:
+    """Per (experiment, arch, width): the mean over seeds of the base models' average, the merge and the barrier,
+    the barrier's std and range, and how many seeds."""
+    grouped = table.groupby(["experiment", "arch", "width"])
+    out = grouped.agg(
+        base_avg=("base avg", "mean"),
+        merged=("merged", "mean"),
+        mean=("barrier", "mean"),
+        std=("barrier", "std"),
+        min=("barrier", "min"),
+        max=("barrier", "max"),
+        count=("barrier", "count"),
+    )
+    return out.reset_index()
+
+
+def markdown(by_width: pd.DataFrame) -> str:
+    lines = [
+        "| run | arch | width | mean(A,B) | merged | barrier, mean ± std | barrier range | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in by_width.itertuples():
+        lines.append(
+            f"| {r.experiment} | {r.arch} | ×{r.width:g} | {r.base_avg:.2f} | {r.merged:.2f} |"
+            f" {r.mean:.2f} ± {r.std:.2f} | {r.min:.2f} – {r.max:.2f} | {r.count} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ ABLATION = {  # folder: what differs from the new preset (seed 0)
     "ablation/union": "new preset but 10/class of the union (100 img)",
     "ablation/no_wd": "new preset but STE weight decay 0",
     "ablation/constant_lr": "new preset but STE constant lr (no multi-step)",
+    "ablation/fmnist_recipe": "new preset but YM's MNIST-FMNIST STE (Coreset) recipe: 5000 epochs at lr 0.5",
     "coreset": "new preset: 10/class each client, STE 1000 ep lr 0.1 wd 1e-4 multi-step, Coreset AB 200 ep lr 0.05",
     "full": "STE (Full): 5 epochs lr 0.1 wd 1e-4 on all the merge data",
 }

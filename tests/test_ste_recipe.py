@@ -4,6 +4,7 @@ ignored."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,13 +15,13 @@ import mergebench.run as pipeline
 from mergebench.align import ALIGNERS
 from mergebench.align.ste import STEParams, epoch_lr
 from mergebench.cli import CONF_DIR
-from mergebench.config import validate
+from mergebench.config import TrainConfig, validate
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.merge_data import MergeDataConfig, select_merge_data
 from mergebench.data.splits import Scenario
 from mergebench.errors import ConfigError
 from mergebench.registry import to_dataclass
-from mergebench.train import BaseModelRequest
+from mergebench.train import BaseModelRequest, train_best_epoch
 from tests.test_align import build, fake_context
 
 
@@ -96,3 +97,43 @@ def test_coreset_reference_trains_with_its_own_recipe_and_base_models_keep_their
     pipeline.run(cfg, tmp_path / "out")
     assert recipes["coreset"] == (2, 0.05)
     assert recipes["base 0"] == recipes["base 1"] == (1, 0.1)
+
+
+def test_best_epoch_training_returns_the_weights_of_the_best_scored_epoch() -> None:
+    data = ImageData(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8), torch.arange(40) % 4)
+    info = DatasetInfo("fake", 4, 1, 8, (0.5,), (0.25,), False)
+    recipe = TrainConfig(epochs=5, batch_size=10, optimizer="sgd", lr=0.1, amp=False)
+    request = BaseModelRequest("coreset", data, torch.arange(40), info, "mlp", None, recipe, False, 0)
+    states: list[dict[str, torch.Tensor]] = []
+
+    def score(model: torch.nn.Module) -> float:  # peaks at epoch 3, then falls
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return -abs(len(states) - 3)
+
+    model, meta = train_best_epoch(request, lambda: build("mlp", {"hidden": [8]}, 1, 8, "none", seed=0), score)
+    assert meta["best_epoch"] == 3 and meta["epoch_scores"] == [-2, -1, 0, -1, -2]
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, states[2][name]), name
+    assert not torch.equal(model.state_dict()["head.weight"], states[-1]["head.weight"])  # not the last epoch
+
+
+def test_coreset_report_best_test_epoch_reports_the_best_epoch_test_top1(tmp_path: Path) -> None:
+    overrides = ["data=split_classes", "model.hidden=[16]", "train.epochs=1", "align=identity"]
+    overrides += ["references.coreset=true", "merge_data.per_class=5", "references.coreset_epochs=6"]
+    overrides += ["references.coreset_report=best_test_epoch", f"cache_dir={tmp_path / 'cache'}"]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = validate(compose("config", overrides=overrides))
+    rows = pipeline.run(cfg, tmp_path / "out")
+    coreset = rows[(rows.model_role == "coreset") & (rows.metric == "top1") & (rows.subset == "test")].iloc[0]
+    diagnostics = json.loads(coreset.diagnostics)
+    assert diagnostics["coreset_report"] == "best_test_epoch" and len(diagnostics["epoch_scores"]) == 6
+    assert coreset.value == pytest.approx(max(diagnostics["epoch_scores"]))
+    assert diagnostics["epoch_scores"][diagnostics["best_epoch"] - 1] == max(diagnostics["epoch_scores"])
+
+
+def test_an_unknown_coreset_report_is_refused_naming_the_allowed_values() -> None:
+    with (
+        pytest.raises(ConfigError, match=r"coreset_report='best' is not known; allowed: last, best_test_epoch"),
+        initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)),
+    ):
+        validate(compose("config", overrides=["references.coreset_report=best"]))

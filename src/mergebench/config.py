@@ -109,6 +109,9 @@ class TrainConfig:
             raise ConfigError(f"warmup_max_fraction={self.warmup_max_fraction} must lie in [0, 1] or be null")
 
 
+CORESET_REPORTS = ("last", "best_test_epoch")
+
+
 @dataclasses.dataclass
 class ReferencesConfig:
     ensemble: bool = True
@@ -118,8 +121,15 @@ class ReferencesConfig:
     # null = the base recipe's value. Base models keep their recipe, so their cache entries stay shared.
     coreset_epochs: int | None = None
     coreset_lr: float | None = None
+    # last: the model after its last epoch; best_test_epoch: the best test top-1 over its epochs, the number YM's
+    # code reports for Coreset AB (test_acc_best_data_cond) — selected on the test set, so for reproduction only
+    coreset_report: str = "last"
 
     def check(self) -> None:
+        if self.coreset_report not in CORESET_REPORTS:
+            raise ConfigError(
+                f"coreset_report={self.coreset_report!r} is not known; allowed: {', '.join(CORESET_REPORTS)}"
+            )
         if self.coreset_epochs is not None and self.coreset_epochs < 0:
             raise ConfigError(f"coreset_epochs={self.coreset_epochs} must be >= 0 or null (the base recipe's)")
         if self.coreset_lr is not None and not self.coreset_lr > 0:

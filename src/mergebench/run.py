@@ -37,7 +37,7 @@ from mergebench.models import ModelInput
 from mergebench.pause import pause_point
 from mergebench.progress import console
 from mergebench.results import RowWriter, base_label, method_label
-from mergebench.train import BaseModelRequest, train_or_load
+from mergebench.train import BaseModelRequest, train_best_epoch, train_or_load
 
 
 def resolve_device(name: str) -> torch.device:
@@ -160,13 +160,14 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
 
     cache = ModelCache(cfg.cache_dir)
 
+    def request(label: str, indices: torch.Tensor, init_seed: int, recipe: TrainConfig) -> BaseModelRequest:
+        model = cfg.model
+        return BaseModelRequest(label, train, indices, info, model.name, model.params, recipe, augment, init_seed)
+
     def base_model(
         label: str, indices: torch.Tensor, init_seed: int, recipe: TrainConfig | None = None
     ) -> tuple[torch.nn.Module, dict]:
-        request = BaseModelRequest(
-            label, train, indices, info, cfg.model.name, cfg.model.params, recipe or cfg.train, augment, init_seed
-        )
-        return train_or_load(request, build, cache)
+        return train_or_load(request(label, indices, init_seed, recipe or cfg.train), build, cache)
 
     if cfg.checkpoints:  # the user's weights: nothing is trained
         models = load_models(cfg.checkpoints, build)
@@ -201,8 +202,17 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
             console.log("references.coreset: skipped, the merge data is not a coreset (merge_data.per_class=null)")
         else:
             recipe = cfg.references.coreset_recipe(cfg.train)
-            coreset, meta = base_model("coreset", coreset_indices(merge), cfg.seed, recipe)
-            writer.add("Coreset", "coreset", evaluate(coreset)[1], wall_s=meta.get("wall_s"))
+            if cfg.references.coreset_report == "last":
+                coreset, meta = base_model("coreset", coreset_indices(merge), cfg.seed, recipe)
+                diagnostics = None
+            else:  # YM's protocol: the best test top-1 over the coreset model's epochs
+                coreset, meta = train_best_epoch(
+                    request("coreset", coreset_indices(merge), cfg.seed, recipe),
+                    build,
+                    lambda model: evaluate(model)[1]["test"]["top1"],
+                )
+                diagnostics = {"coreset_report": "best_test_epoch", **meta}
+            writer.add("Coreset", "coreset", evaluate(coreset)[1], wall_s=meta.get("wall_s"), diagnostics=diagnostics)
 
     if not cfg.train.only:
         sample = next(iter(Batches(train, merge.fit, info, VERIFY_BATCH)))[0]

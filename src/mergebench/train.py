@@ -94,8 +94,10 @@ def train_model(
     augment: bool,
     seed: int,
     label: str,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Train in place on `indices` of the on-device `data`; returns loss, throughput and wall time."""
+    """Train in place on `indices` of the on-device `data`; returns loss, throughput and wall time. `on_epoch(e)`
+    runs after epoch e (1-based), the model in training mode when it returns."""
     device = data.x.device
     batches = Batches(data, indices, info, recipe.batch_size, shuffle=True, augment=augment, seed=seed)
     if device.type == "cuda" and recipe.channels_last:
@@ -126,6 +128,9 @@ def train_model(
             loss_value = (total_loss / max(1, count)).item()
             check_divergence(loss_value, first_loss, epoch + 1, label, recipe)
             progress.epoch_end(epoch + 1, loss_value, scheduler.get_last_lr()[0])
+            if on_epoch is not None:
+                on_epoch(epoch + 1)
+                model.train()
             pause_point("train_epoch")
     wall = time.perf_counter() - start
     return {"train_loss": loss_value, "wall_s": wall, "images_per_s": seen / wall if wall > 0 else 0.0}
@@ -195,3 +200,38 @@ def train_or_load(
     verb = "cache hit" if hit else f"trained in {meta.get('wall_s', 0):.1f}s"
     console.log(f"{request.label}: {verb} ({key})")
     return model.eval(), {**meta, "cache_hit": hit}
+
+
+def train_best_epoch(
+    request: BaseModelRequest, build: Callable[[], nn.Module], score: Callable[[nn.Module], float]
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train as `train_or_load` would (not cached: the per-epoch scores depend on `score`) and keep the epoch with the
+    highest `score(model)` (ties: the earliest). For protocols that report the best epoch, e.g. YM's Coreset AB."""
+    torch.manual_seed(request.seed)
+    model = build()
+    scores: list[float] = []
+    best: dict[str, Tensor] = {}
+
+    def keep_best(epoch: int) -> None:
+        model.eval()
+        with torch.no_grad():
+            scores.append(score(model))
+        if scores[-1] > max(scores[:-1], default=-math.inf):
+            best.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    stats = train_model(
+        model,
+        request.data,
+        request.indices,
+        request.info,
+        request.recipe,
+        augment=request.augment,
+        seed=request.seed,
+        label=request.label,
+        on_epoch=keep_best,
+    )
+    if not scores:  # zero epochs: the initialisation is all there is
+        return model.eval(), {**stats, "best_epoch": 0, "epoch_scores": scores}
+    model.load_state_dict(best)
+    epoch = max(range(len(scores)), key=scores.__getitem__) + 1
+    return model.eval(), {**stats, "best_epoch": epoch, "last_epoch_score": scores[-1], "epoch_scores": scores}
