@@ -137,3 +137,31 @@ def test_an_unknown_coreset_report_is_refused_naming_the_allowed_values() -> Non
         initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)),
     ):
         validate(compose("config", overrides=["references.coreset_report=best"]))
+
+
+def test_keep_train_batch_keeps_the_lowest_training_batch_loss_and_never_scores_held_out_data(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import mergebench.align.ste as ste_module
+
+    losses: list[float] = []
+    cross_entropy = ste_module.F.cross_entropy
+
+    def recording(*args: object, **kwargs: object) -> torch.Tensor:
+        loss = cross_entropy(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    def no_held_out(*args: object, **kwargs: object) -> None:
+        raise AssertionError("keep=train_batch scored held-out data")
+
+    monkeypatch.setattr(ste_module, "evaluate_batches", no_held_out)
+    monkeypatch.setattr(ste_module.F, "cross_entropy", recording)
+    diagnostics = ste(keep="train_batch", epochs=3)
+    assert diagnostics["keep"] == "train_batch" and "held_out_loss" not in diagnostics
+    assert diagnostics["train_batch_loss"] == pytest.approx(min(losses)) and diagnostics["best_epoch"] >= 1
+
+
+def test_an_unknown_ste_keep_is_refused_naming_the_allowed_values() -> None:
+    with pytest.raises(ConfigError, match=r"keep='best' is not known; allowed: held_out, train_batch"):
+        to_dataclass(STEParams, {"keep": "best"}, "align").check()

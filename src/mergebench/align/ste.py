@@ -4,7 +4,9 @@ copy θ̃ of model A.
 Every step weight-matches B onto θ̃ (warm-started from the previous permutation), then descends the
 cross-entropy of the midpoint 0.5·θ_A + 0.5·(sg(π(θ_B)) + θ̃ − sg(θ̃)) on the merge data: the forward pass sees
 the merge of A with the permuted B, the gradient flows into θ̃, which steers the next matching. After every
-epoch the merge of A with the current π(θ_B) is scored on held-out merge data; the best permutation wins.
+epoch the merge of A with the current π(θ_B) is scored on held-out merge data; the best permutation wins
+(`keep=held_out`). `keep=train_batch` keeps instead the permutation of the step with the lowest training-batch loss,
+as YM's code does (it holds no data out).
 The optimiser is SGD with momentum; weight decay and a multi-step schedule (YM's STE runs: weight decay 1e-4, and
 on a coreset the lr divided by 10 at 50% and 75% of the epochs) are options.
 """
@@ -30,6 +32,7 @@ from mergebench.seeds import mix_seeds
 from mergebench.spec import Transform, apply_transforms
 
 SCHEDULES = ("constant", "multi_step")
+KEEPS = ("held_out", "train_batch")
 MILESTONES = (0.5, 0.75)  # multi_step: fractions of the epochs after which the lr is divided by 10 (YM's STE code)
 
 
@@ -40,6 +43,7 @@ class STEParams:
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "constant"
+    keep: str = "held_out"  # which permutation wins: lowest held-out loss after an epoch | lowest training-batch loss
     batch_size: int | None = None
     seed: int = 0
 
@@ -54,6 +58,8 @@ class STEParams:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"schedule={self.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+        if self.keep not in KEEPS:
+            raise ConfigError(f"keep={self.keep!r} is not known; allowed: {', '.join(KEEPS)}")
         if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"batch_size={self.batch_size} must be a positive integer or null (the recipe's)")
 
@@ -112,8 +118,9 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
         return evaluate_batches(mean_model([state_a, aligned], ctx), ctx.select_batches())["loss"]
 
     perms, step = match(None, 0), 0
-    best_loss, best_perms, best_epoch = held_out_loss(perms), perms, 0
-    initial_loss = best_loss
+    held_out = params.keep == "held_out"
+    initial_loss = held_out_loss(perms) if held_out else None
+    best_loss, best_perms, best_epoch = initial_loss if held_out else float("inf"), perms, 0
     batches = ctx.fit_batches(shuffle=True, seed=seed, batch_size=params.batch_size or ctx.batch_size)
     with EpochProgress("STE", params.epochs, len(batches)) as progress:
         for epoch in range(1, params.epochs + 1):
@@ -126,12 +133,17 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
                 aligned = apply_transforms(state_b, ctx.spec, _as_transforms(perms))
                 mixed = _straight_through_midpoint(state_a, aligned, free)
                 loss = F.cross_entropy(functional_call(net, mixed, (x,)), y)
+                if not held_out and loss.item() < best_loss:  # the merge with `perms`, before this step's update
+                    best_loss, best_perms, best_epoch = loss.item(), perms, epoch
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 progress.step(len(y))
             step += 1
             perms = match(perms, step)
+            if not held_out:
+                progress.epoch_end(epoch, loss.item(), lr)
+                continue
             val_loss = held_out_loss(perms)
             if val_loss < best_loss:
                 best_loss, best_perms, best_epoch = val_loss, perms, epoch
@@ -143,8 +155,9 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
         "epochs": params.epochs,
         "final_lr": optimizer.param_groups[0]["lr"],
         "free_shift": float(shift / scale),
+        "keep": params.keep,
         "best_epoch": best_epoch,
-        "held_out_loss": best_loss,
+        "held_out_loss" if held_out else "train_batch_loss": best_loss,
         "wm_held_out_loss": initial_loss,
         "seconds": time.perf_counter() - start,
     }
