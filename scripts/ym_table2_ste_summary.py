@@ -34,6 +34,8 @@ ABLATION = {  # folder: what differs from the new preset (seed 0)
     "ablation/fmnist_recipe": "new preset but YM's MNIST-FMNIST STE (Coreset) recipe: 5000 epochs at lr 0.5",
     "coreset": "new preset: 10/class each client, STE 1000 ep lr 0.1 wd 1e-4 multi-step, Coreset AB 200 ep lr 0.05",
     "full": "STE (Full): 5 epochs lr 0.1 wd 1e-4 on all the merge data",
+    "ablation/keep_train": "new preset but the permutation of the lowest training-batch loss (align.keep=train_batch)",
+    "coreset_keep_train": "new preset with YM's selection: align.keep=train_batch on all 200 images (val_fraction=0)",
     "coreset_best": "Coreset AB as YM's code reports it: the best test top-1 over its 200 epochs (no STE here)",
 }
 
@@ -80,11 +82,12 @@ for scenario in ("mnist_rmnist90", "mnist_fmnist"):
         ("STE (Coreset)", "coreset", "STE"),
         ("Coreset AB", "coreset", "Coreset AB"),
         ("Coreset AB (best test epoch)", "coreset_best", "Coreset AB"),
+        ("STE (Coreset), YM's selection", "coreset_keep_train", "STE"),
     ):
         v = df[(df.run.str.startswith(group + "/")) & (df.scenario == scenario)][col].dropna()
         if v.empty:
             continue
-        paper = PAPER[(scenario, label.removesuffix(" (best test epoch)"))]
+        paper = PAPER[(scenario, label.removesuffix(" (best test epoch)").removesuffix(", YM's selection"))]
         final.append(
             {
                 "scenario": scenario,
