@@ -57,6 +57,7 @@ def main() -> None:
     table = barriers(load(args.folder))
     args.out.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out / "barriers.csv", index=False)
+    (args.out / "barriers.md").write_text(runs_markdown(table))
     fraction = repair_fraction(table, args.min_base)
     fraction.to_csv(args.out / "repair_fraction.csv", index=False)
     pd.set_option("display.width", 200)
@@ -84,6 +85,20 @@ def barrier_by_width(table: pd.DataFrame) -> pd.DataFrame:
         count=("barrier", "count"),
     )
     return out.reset_index()
+
+
+def runs_markdown(table: pd.DataFrame) -> str:
+    """One row per run, as barriers.csv, for the results README."""
+    lines = [
+        "| run | arch | width | repair | seed | A | B | mean(A,B) | ensemble | merged | barrier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in table.iterrows():
+        lines.append(
+            f"| {r.experiment} | {r.arch} | ×{r.width:g} | {r.repair} | {r.seed} | {r.A:.2f} | {r.B:.2f} |"
+            f" {r['base avg']:.2f} | {r.ensemble:.2f} | {r.merged:.2f} | {r.barrier:.2f} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def markdown(by_width: pd.DataFrame) -> str:
