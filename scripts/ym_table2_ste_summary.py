@@ -77,17 +77,17 @@ ab.to_csv(OUT / "ablation.csv", index=False, float_format="%.2f")
 
 final = []
 for scenario in ("mnist_rmnist90", "mnist_fmnist"):
-    for label, group, col in (
-        ("STE (Full)", "full", "STE"),
-        ("STE (Coreset)", "coreset", "STE"),
-        ("Coreset AB", "coreset", "Coreset AB"),
-        ("Coreset AB (best test epoch)", "coreset_best", "Coreset AB"),
-        ("STE (Coreset), YM's selection", "coreset_keep_train", "STE"),
+    for label, group, col, row in (
+        ("STE (Full)", "full", "STE", "STE (Full)"),
+        ("STE (Coreset), the preset: YM's selection", "coreset_keep_train", "STE", "STE (Coreset)"),
+        ("STE (Coreset), held-out selection (the old preset)", "coreset", "STE", "STE (Coreset)"),
+        ("Coreset AB", "coreset", "Coreset AB", "Coreset AB"),
+        ("Coreset AB (best test epoch, YM's report)", "coreset_best", "Coreset AB", "Coreset AB"),
     ):
         v = df[(df.run.str.startswith(group + "/")) & (df.scenario == scenario)][col].dropna()
         if v.empty:
             continue
-        paper = PAPER[(scenario, label.removesuffix(" (best test epoch)").removesuffix(", YM's selection"))]
+        paper = PAPER[(scenario, row)]
         final.append(
             {
                 "scenario": scenario,
