@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -172,6 +173,28 @@ class BaseModelRequest:
         )
 
 
+def train_request(
+    request: BaseModelRequest,
+    build: Callable[[], nn.Module],
+    on_epoch: Callable[[nn.Module, int], None] | None = None,
+) -> tuple[nn.Module, dict[str, float]]:
+    """A model built under the request's seed and trained as the request says; `on_epoch(model, e)` after epoch e."""
+    torch.manual_seed(request.seed)
+    model = build()
+    stats = train_model(
+        model,
+        request.data,
+        request.indices,
+        request.info,
+        request.recipe,
+        augment=request.augment,
+        seed=request.seed,
+        label=request.label,
+        on_epoch=None if on_epoch is None else functools.partial(on_epoch, model),
+    )
+    return model, stats
+
+
 def train_or_load(
     request: BaseModelRequest, build: Callable[[], nn.Module], cache: ModelCache
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -179,18 +202,7 @@ def train_or_load(
     key = request.key()
 
     def create() -> tuple[dict[str, Tensor], dict[str, Any]]:
-        torch.manual_seed(request.seed)
-        model = build()
-        stats = train_model(
-            model,
-            request.data,
-            request.indices,
-            request.info,
-            request.recipe,
-            augment=request.augment,
-            seed=request.seed,
-            label=request.label,
-        )
+        model, stats = train_request(request, build)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         return state, {"label": request.label, "key": key, **stats}
 
@@ -207,29 +219,17 @@ def train_best_epoch(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train as `train_or_load` would (not cached: the per-epoch scores depend on `score`) and keep the epoch with the
     highest `score(model)` (ties: the earliest). For protocols that report the best epoch, e.g. YM's Coreset AB."""
-    torch.manual_seed(request.seed)
-    model = build()
     scores: list[float] = []
     best: dict[str, Tensor] = {}
 
-    def keep_best(epoch: int) -> None:
+    def keep_best(model: nn.Module, epoch: int) -> None:
         model.eval()
         with torch.no_grad():
             scores.append(score(model))
         if scores[-1] > max(scores[:-1], default=-math.inf):
             best.update({k: v.detach().clone() for k, v in model.state_dict().items()})
 
-    stats = train_model(
-        model,
-        request.data,
-        request.indices,
-        request.info,
-        request.recipe,
-        augment=request.augment,
-        seed=request.seed,
-        label=request.label,
-        on_epoch=keep_best,
-    )
+    model, stats = train_request(request, build, keep_best)
     if not scores:  # zero epochs: the initialisation is all there is
         return model.eval(), {**stats, "best_epoch": 0, "epoch_scores": scores}
     model.load_state_dict(best)
