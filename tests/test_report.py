@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 
 import mergebench.run as pipeline
@@ -54,8 +55,8 @@ def test_mean_std_and_layout() -> None:
     assert np_dir["mean"] == pytest.approx(74.0) and np_dir["std"] == pytest.approx(1.0) and np_dir["count"] == 3
     table = wide(stats, planned=3)
     assert list(table.columns) == ["Dirichlet", "80%-20%"]
-    assert table.loc["NP-P", "Dirichlet"] == "74.00 ± 1.00"
-    assert table.loc["Ensemble", "Dirichlet"] == "70.00 ± 0.00 (n=1)"
+    assert table.loc["NP-P", "Dirichlet"] == "74.00 ± 1.00 (n=3)"
+    assert table.loc["Ensemble", "Dirichlet"] == "70.00 (n=1 of 3)"
     assert table.loc["Ensemble", "80%-20%"] == "—"
     assert list(table.index).index("Ensemble") < list(table.index).index("Permute") < list(table.index).index("NP-P")
 
@@ -80,7 +81,7 @@ def test_ym_table1_columns_from_angle() -> None:
         columns=COLUMNS,
     )
     table = wide(build_table(df, LAYOUTS["ym_table1"], paper_values("ym_table1")), planned=1)
-    assert table.loc["Weight Matching", "90°"] == "70.00 ± 0.00"
+    assert table.loc["Weight Matching", "90°"] == "70.00 (n=1)"
     assert table.loc["Weight Matching", "90° Δ"] == "-0.86"
 
 
@@ -95,7 +96,7 @@ def test_cli_writes_tables_and_lists_missing_runs(tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert "missing results" in out and "/3" in out
     table = pd.read_csv(tmp_path / "tables" / "np_table2.csv", index_col=0)
-    assert table.loc["NP-P", "Dirichlet"] == "74.00 ± 1.00"
+    assert table.loc["NP-P", "Dirichlet"] == "74.00 ± 1.00 (n=3)"
     assert (tmp_path / "tables" / "np_table2.md").read_text().startswith("### NP Table II")
     (tmp_path / "empty").mkdir()
     assert main([str(tmp_path / "empty")]) == 1
@@ -112,15 +113,15 @@ def test_rows_written_before_split_params_take_them_from_the_job_config(tmp_path
         pd.DataFrame([old], columns=COLUMNS).drop(columns="split_params").to_csv(job / "results.csv", index=False)
     assert main([str(tmp_path), "--paper", "ym_table1"]) == 0
     table = pd.read_csv(tmp_path / "tables" / "ym_table1.csv", index_col=0)
-    assert table.loc["Permute", "0°"] == "98.00 ± 0.00" and table.loc["Permute", "90°"] == "70.00 ± 0.00"
+    assert table.loc["Permute", "0°"] == "98.00 (n=1)" and table.loc["Permute", "90°"] == "70.00 (n=1)"
 
 
 def test_wide_layout_exactly() -> None:
     table = wide(build_table(synthetic(), LAYOUTS["np_table2"]), planned=3)
     expected = pd.DataFrame(
         {
-            "Dirichlet": ["70.00 ± 0.00 (n=1)", "59.00 ± 1.00", "74.00 ± 1.00"],
-            "80%-20%": ["—", "59.00 ± 1.00", "74.00 ± 1.00"],
+            "Dirichlet": ["70.00 (n=1 of 3)", "59.00 ± 1.00 (n=3)", "74.00 ± 1.00 (n=3)"],
+            "80%-20%": ["—", "59.00 ± 1.00 (n=3)", "74.00 ± 1.00 (n=3)"],
         },
         index=pd.Index(["Ensemble", "Permute", "NP-P"], name="method"),
     )
@@ -131,7 +132,7 @@ def test_curve_points_stay_out_of_the_table() -> None:
     df = synthetic()
     curve = df[(df.method_label == "Permute") & (df.metric == "top1")].assign(model_role="curve", alpha=0.0, value=0.0)
     table = wide(build_table(pd.concat([df, curve]), LAYOUTS["np_table2"]), planned=3)
-    assert table.loc["Permute", "Dirichlet"] == "59.00 ± 1.00"
+    assert table.loc["Permute", "Dirichlet"] == "59.00 ± 1.00 (n=3)"
 
 
 def test_np_table4_rows_are_merges_by_aligner() -> None:
@@ -144,8 +145,8 @@ def test_np_table4_rows_are_merges_by_aligner() -> None:
                 rows.append(row(method_label="Model A", model_role="base_0", value=70.0, **common))
     table = wide(build_table(pd.DataFrame(rows, columns=COLUMNS), LAYOUTS["np_table4"]), planned=1)
     assert list(table.index) == ["Permute", "Weight Matching"]
-    assert table.loc["Weight Matching", "train: merging only"] == "51.00 ± 0.00"
-    assert table.loc["Permute", "10: NP"] == "60.00 ± 0.00" and table.loc["Permute", "10: Finetune"] == "55.00 ± 0.00"
+    assert table.loc["Weight Matching", "train: merging only"] == "51.00 (n=1)"
+    assert table.loc["Permute", "10: NP"] == "60.00 (n=1)" and table.loc["Permute", "10: Finetune"] == "55.00 (n=1)"
 
 
 def test_ym_table2_names_rows_and_columns_as_the_paper() -> None:
@@ -165,9 +166,9 @@ def test_ym_table2_names_rows_and_columns_as_the_paper() -> None:
         ]
     stats = build_table(pd.DataFrame(rows, columns=COLUMNS), LAYOUTS["ym_table2"], paper_values("ym_table2"))
     table = wide(stats, planned=1)
-    assert table.loc["Model AB (joint)", "MNIST-RMNIST(90°)"] == "98.00 ± 0.00"
-    assert table.loc["Naïve", "MNIST-FMNIST"] == "56.00 ± 0.00"
-    assert table.loc["STE (Coreset)", "MNIST-RMNIST(90°)"] == "88.00 ± 0.00"
+    assert table.loc["Model AB (joint)", "MNIST-RMNIST(90°)"] == "98.00 (n=1)"
+    assert table.loc["Naïve", "MNIST-FMNIST"] == "56.00 (n=1)"
+    assert table.loc["STE (Coreset)", "MNIST-RMNIST(90°)"] == "88.00 (n=1)"
     assert table.loc["WM", "MNIST-RMNIST(90°) Δ"] == f"{71.0 - 70.92:+.2f}"
     assert table.loc["ZipIt!", "MNIST-FMNIST"] == "—" and table.loc["ZipIt!", "MNIST-FMNIST paper"] == "58.95"
     assert list(table.index)[:3] == ["Model A", "Model B", "Model AB (joint)"]
@@ -198,9 +199,9 @@ def test_ym_table2_fills_zipit_and_coreset_rows_beside_the_paper() -> None:
         row(method_label="Joint", model_role="joint", value=98.0, **common),
     ]
     table = wide(build_table(pd.DataFrame(rows, columns=COLUMNS), LAYOUTS["ym_table2"], paper_values("ym_table2")), 1)
-    assert table.loc["ZipIt!", "MNIST-RMNIST(90°)"] == "71.00 ± 0.00"
+    assert table.loc["ZipIt!", "MNIST-RMNIST(90°)"] == "71.00 (n=1)"
     assert table.loc["ZipIt!", "MNIST-RMNIST(90°) Δ"] == f"{71.0 - 71.35:+.2f}"
-    assert table.loc["Coreset AB", "MNIST-RMNIST(90°)"] == "66.00 ± 0.00"
+    assert table.loc["Coreset AB", "MNIST-RMNIST(90°)"] == "66.00 (n=1)"
     assert table.loc["Coreset AB", "MNIST-FMNIST paper"] == "66.03"
     order = list(table.index)
     assert order.index("Ensemble") < order.index("Coreset AB") < order.index("Naïve") < order.index("ZipIt!")
@@ -215,7 +216,7 @@ def test_ym_table8_has_ste_full_coreset_and_zipit() -> None:
     ]
     table = wide(build_table(pd.DataFrame(rows, columns=COLUMNS), LAYOUTS["ym_table8"], paper_values("ym_table8")), 1)
     assert list(table.index) == ["STE (Full)", "STE (Coreset)", "ZipIt!"]
-    assert list(table["SPLIT-CIFAR100"]) == ["60.00 ± 0.00", "58.00 ± 0.00", "30.00 ± 0.00"]
+    assert list(table["SPLIT-CIFAR100"]) == ["60.00 (n=1)", "58.00 (n=1)", "30.00 (n=1)"]
     assert list(table["SPLIT-CIFAR100 paper"]) == ["62.94", "60.52", "27.90"]
 
 
@@ -262,3 +263,105 @@ def test_a_strategy_that_matches_by_itself_names_the_merge() -> None:
     assert method_label("permute", "np", "repair", "c2m3") == "NP-C2M3 + REPAIR"
     assert method_label("permute", "np", "reset_bn", "pairwise") == "NP-P"
     assert method_label("permute", "fisher", "none") == "Fisher-P" and method_label("ot", "soup", "none") == "Soup-OT"
+
+
+def job(folder: Path, config: dict, rows: list[dict]) -> None:
+    """A finished job as Hydra and the run leave it: the resolved config beside results.csv."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(folder / "results.csv", index=False)
+
+
+def digits_config(seed: int, epochs: int = 1, alpha: float = 0.5, align: str = "identity") -> dict:
+    return {
+        "seed": seed, "cache_dir": f"/tmp/cache{seed}", "data": {"root": "./data", "name": "same", "split_seed": 0},
+        "merge_data": {"seed": "${seed}"}, "train": {"epochs": epochs}, "align": {"name": align},
+        "agg": {"name": "avg", "alpha": alpha},
+    }  # fmt: skip
+
+
+def digits_rows(seed: int, base: float, merged: float, align: str = "identity") -> list[dict]:
+    label = "Direct averaging" if align == "identity" else "Permute"
+    common = dict(seed=seed, dataset="digits", split="same", arch="mlp", width=1.0, num_models=2, align=align)
+    return [
+        row(method_label="Model A", model_role="base_0", value=base, **common),
+        row(method_label=label, model_role="merged", agg="avg", value=merged, **common),
+    ]
+
+
+def report_outputs(folder: Path, capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """The exit code, the console and every table file the report wrote, as one text."""
+    code = main([str(folder), *args])
+    files = "".join(p.read_text() for p in sorted((folder / "tables").glob("*.*")) if p.suffix in (".csv", ".md"))
+    return code, capsys.readouterr().out, files
+
+
+def test_runs_that_differ_in_epochs_are_never_pooled(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`-m train.epochs=1,3 seed=0` used to print one 'Direct averaging 9.61 ± 0.00': the mean of 9.47 and 9.75."""
+    job(tmp_path / "0", digits_config(0, epochs=1), digits_rows(0, 10.03, 9.47))
+    job(tmp_path / "1", digits_config(0, epochs=3), digits_rows(0, 11.70, 9.75))
+    code, out, files = report_outputs(tmp_path, capsys)
+    assert code == 0 and "runs differ in train.epochs (1, 3)" in out
+    table = pd.read_csv(tmp_path / "tables" / "results.csv", index_col=0)
+    assert table.loc["Direct averaging", "train.epochs=1"] == "9.47 (n=1)"
+    assert table.loc["Direct averaging", "train.epochs=3"] == "9.75 (n=1)"
+    assert table.loc["Model A", "train.epochs=3"] == "11.70 (n=1)"
+    assert "9.61" not in out + files and "10.87" not in out + files
+
+
+def test_a_sweep_over_alpha_keeps_alphas_apart_and_pools_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`seed=0,1 agg.alpha=0.5,0.3` used to pool the two α into 11.42 ± 1.58."""
+    values = {(0, 0.5): 9.0, (1, 0.5): 11.0, (0, 0.3): 13.0, (1, 0.3): 17.0}
+    for i, ((seed, alpha), merged) in enumerate(values.items()):
+        job(tmp_path / str(i), digits_config(seed, alpha=alpha), digits_rows(seed, 20.0 + seed, merged))
+    code, out, files = report_outputs(tmp_path, capsys)
+    assert code == 0 and "runs differ in agg.alpha (0.3, 0.5)" in out
+    table = pd.read_csv(tmp_path / "tables" / "results.csv", index_col=0)
+    assert table.loc["Direct averaging", "agg.alpha=0.5"] == f"10.00 ± {pd.Series([9.0, 11.0]).std():.2f} (n=2)"
+    assert table.loc["Direct averaging", "agg.alpha=0.3"] == f"15.00 ± {pd.Series([13.0, 17.0]).std():.2f} (n=2)"
+    assert table.loc["Model A", "agg.alpha=0.3"] == table.loc["Model A", "agg.alpha=0.5"] == "20.50 ± 0.71 (n=2)"
+    assert "12.50" not in out + files  # the mean over both α
+    code, out, _ = report_outputs(tmp_path, capsys, "--where", "agg.alpha=0.3")
+    table = pd.read_csv(tmp_path / "tables" / "results.csv", index_col=0)
+    assert code == 0 and "runs differ" not in out and list(table.loc["Direct averaging"]) == ["15.00 ± 2.83 (n=2)"]
+
+
+def test_a_paper_layout_gets_a_table_per_value_and_says_how_to_select(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for i, (epochs, value) in enumerate(((1, 60.0), (3, 70.0))):
+        rows = [row(seed=0, split="rotated", **rotated(90.0), method_label="Weight Matching", value=value)]
+        job(tmp_path / str(i), digits_config(0, epochs=epochs, align="weight_matching"), rows)
+    code, out, files = report_outputs(tmp_path, capsys, "--paper", "ym_table1")
+    assert code == 0
+    note = next(line for line in out.splitlines() if "runs differ" in line)
+    assert "ym_table1 layout has no place for" in note and "--where train.epochs=" in note
+    assert "[train.epochs=1]" in out and "[train.epochs=3]" in out
+    table = pd.read_csv(tmp_path / "tables" / "ym_table1.csv")
+    cells = table[table.method == "Weight Matching"].set_index("train.epochs")["90°"]
+    assert cells.to_dict() == {1: "60.00 (n=1)", 3: "70.00 (n=1)"}
+    assert "65.00" not in out + files
+
+
+def test_reference_rows_repeated_by_a_merge_sweep_stay_one_cell(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A sweep over aligners re-evaluates the same base models in every job, and a key interpolated from the seed
+    (`merge_data.seed: ${seed}`) differs with it: neither splits the table."""
+    for i, (seed, align) in enumerate(((0, "identity"), (0, "permute"), (1, "identity"), (1, "permute"))):
+        job(tmp_path / str(i), digits_config(seed, align=align), digits_rows(seed, 50.0 + seed, 40.0 + i, align))
+    code, out, _ = report_outputs(tmp_path, capsys)
+    assert code == 0 and "runs differ" not in out
+    table = pd.read_csv(tmp_path / "tables" / "results.csv", index_col=0)
+    assert list(table.columns) == ["dataset=digits"]
+    assert table.loc["Model A", "dataset=digits"] == "50.50 ± 0.71 (n=2)"
+    assert table.loc["Permute", "dataset=digits"] == "42.00 ± 1.41 (n=2)"
+    assert main([str(tmp_path)]) == 0  # the report's own tables/results.csv is not read back as a run
+    assert "runs differ" not in capsys.readouterr().out
+
+
+def test_where_names_an_unknown_key_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    job(tmp_path / "0", digits_config(0), digits_rows(0, 10.0, 9.0))
+    assert main([str(tmp_path), "--where", "train.epoch=3"]) == 2
+    out = capsys.readouterr().out.strip()
+    assert out == "error: --where train.epoch: no run has this key; did you mean train.epochs?"
+    assert main([str(tmp_path), "--where", "train.epochs=7"]) == 2
+    assert "its values: 1" in capsys.readouterr().out

@@ -11,9 +11,21 @@ from types import TracebackType
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-console = Console()
+# A console that is not a terminal (a file, a pipe, a SLURM log) would cut tables to 80 columns and wrap cells over
+# several lines: there nothing is too wide to read, so a table keeps its natural width.
+FILE_WIDTH = 10_000
+console = Console() if Console().is_terminal else Console(width=FILE_WIDTH)
 log = logging.getLogger("mergebench")
 LOG_EVERY_ENV = "MERGEBENCH_LOG_EVERY"  # seconds between log lines (default 30); 0 logs every epoch
+
+
+def announce(message: str) -> None:
+    """A one-off event of a run (a cache hit, a skipped reference): timestamped by rich on a terminal, a log line
+    in the run's log format otherwise, so a file log has one format."""
+    if console.is_terminal:
+        console.log(message, highlight=False)
+    else:
+        log.info("%s", message)
 
 
 def progress_bar() -> Progress:

@@ -1,21 +1,29 @@
 """`mergebench-report DIR [--paper NAME]`: every run's rows under DIR -> the paper's table (mean ± std over seeds).
 
 Rows are methods in the paper's order and names, columns are the paper's settings. Failed or unfinished runs
-(a job folder with a Hydra config but no results.csv) are listed, never silently dropped.
+(a job folder with a Hydra config but no results.csv) are listed, never silently dropped. A cell pools seeds and
+nothing else: runs whose resolved configs differ in any other key that changes a cell's number (`train.epochs=1,3`)
+get a column per value (generic layout) or a table per value (a paper layout, which has no place for the key).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import Container, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.markup import escape
 from rich.table import Table
 
 from mergebench.align import ALIGNERS
@@ -112,14 +120,17 @@ LAYOUTS: dict[str, Layout] = {
 GENERIC_KEYS = ["dataset", "scenario", "arch", "width", "norm", "num_models", "strategy", "merge_data", "repair"]
 
 
-def generic_layout(df: pd.DataFrame) -> Layout:
-    """Columns from whichever setting keys vary across the runs (alignment/aggregation are rows)."""
-    varying = [k for k in GENERIC_KEYS if k in df and df[k].astype(str).nunique() > 1] or ["dataset"]
-    return Layout("results (top-1 %, test set)", lambda r: " ".join(f"{k}={r[k]}" for k in varying))
+def generic_layout(df: pd.DataFrame, keys: list[str] | None = None) -> Layout:
+    """Columns from whichever setting keys vary across the runs (alignment/aggregation are rows), and the config
+    `keys` that `splitting_keys` found (columns of `df` named by the key)."""
+    varying = [k for k in GENERIC_KEYS if k in df and df[k].astype(str).nunique() > 1]
+    shown = [*varying, *(keys or [])] or ["dataset"]
+    return Layout("results (top-1 %, test set)", lambda r: " ".join(f"{k}={r[k]}" for k in shown))
 
 
 def load_rows(folder: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """All results.csv rows under `folder`, and the job folders that have a Hydra config but no results."""
+    """All results.csv rows under `folder` (column `job`: the folder each came from), and the job folders that
+    have a Hydra config but no results."""
     frames, missing = [], []
     for hydra_dir in sorted(folder.rglob(".hydra")):
         if not (hydra_dir.parent / "results.csv").exists():
@@ -130,11 +141,83 @@ def load_rows(folder: Path) -> tuple[pd.DataFrame, list[Path]]:
         except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError):
             missing.append(csv.parent)
             continue
+        if not set(frame.columns) >= RUN_COLUMNS:
+            continue  # not a run's rows: e.g. the report's own tables/results.csv from an earlier report
         if "split_params" not in frame:
             frame["split_params"] = _split_params_of(csv.parent)
+        frame["job"] = str(csv.parent)
         frames.append(frame)
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return df, missing
+
+
+RUN_COLUMNS = {"run_id", "method_label", "model_role", "metric", "subset", "value", "seed"}
+# keys that say where a run read or wrote, not what it computed: never a reason to keep runs apart
+LOCATION_KEYS = frozenset({"cache_dir", "data.root"})
+ABSENT = "<absent>"  # a key one run's config has and another's lacks (e.g. an aligner's own options)
+_SEED_REFERENCE = re.compile(r"(?<![\w.])seed(?![\w])")
+
+
+def job_settings(jobs: list[str]) -> pd.DataFrame:
+    """One row per job folder: its resolved Hydra config flattened to `a.b` -> canonical text. The seed, the keys
+    interpolated from it (`${seed}`) and the location keys are left out: they are what a cell may pool over."""
+    settings = {job: _settings_of(Path(job)) for job in jobs}
+    return pd.DataFrame.from_dict(settings, orient="index").fillna(ABSENT).astype(str)
+
+
+def _settings_of(job: Path) -> dict[str, str]:
+    config = job / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return {}
+    cfg = OmegaConf.load(config)
+    out = {}
+    for key, raw in _leaves(OmegaConf.to_container(cfg, resolve=False)):
+        if key == "seed" or key in LOCATION_KEYS:
+            continue
+        value = raw
+        if isinstance(raw, str) and "${" in raw:
+            if _SEED_REFERENCE.search(raw):
+                continue
+            try:
+                value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+            except OmegaConfBaseException:
+                value = raw  # a resolver only the run had (an environment variable): compare the expression
+        out[key] = canonical(value)
+    return out
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.removesuffix("."), node
+
+
+def canonical(value: Any) -> str:
+    """One text per value, as a user types it: `3`, `0.5`, `null`, `true`, `[32, 32]`, `mlp`."""
+    if isinstance(value, Container):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def select(df: pd.DataFrame, settings: pd.DataFrame, where: list[str]) -> pd.DataFrame:
+    """The rows of the jobs whose settings match every `KEY=VALUE` of `where`; a key no job has is one line."""
+    for condition in where:
+        key, sep, text = condition.partition("=")
+        if not sep:
+            raise ReportError(f"--where {condition!r}: expected KEY=VALUE, e.g. --where train.epochs=3")
+        if key not in settings:
+            close = difflib.get_close_matches(key, list(settings.columns), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else f"known keys: {', '.join(settings.columns)}"
+            raise ReportError(f"--where {key}: no run has this key; {hint}")
+        wanted = {text, canonical(yaml.safe_load(text))}
+        jobs = settings.index[settings[key].isin(wanted)]
+        if not len(jobs):
+            values = ", ".join(sorted(settings[key].unique()))
+            raise ReportError(f"--where {condition}: no run has {key}={text}; its values: {values}")
+        settings = settings.loc[jobs]
+    return df[df["job"].isin(settings.index)]
 
 
 def _split_params_of(job: Path) -> str:
@@ -153,14 +236,49 @@ def paper_values(name: str) -> pd.DataFrame | None:
     return pd.read_csv(str(path)) if path.is_file() else None
 
 
-def build_table(df: pd.DataFrame, layout: Layout, paper: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per method, per column `mean`, `std`, `n` (and `paper`, `delta` when given) — tidy, then pivoted."""
+def place(df: pd.DataFrame, layout: Layout) -> pd.DataFrame:
+    """The rows a table shows (test-set metrics of one evaluated model each), with their `row` and `column`."""
     # one evaluated model per row: interpolation-curve points (and their barriers) are the plots' business
     table_roles = ~df.model_role.isin(["curve", "barrier"])
     rows = df[df.metric.isin(layout.metrics) & (df.subset == "test") & table_roles].copy()
+    if rows.empty:
+        return rows.assign(row=pd.Series(dtype=object), column=pd.Series(dtype=object))
     rows["row"] = rows.apply(layout.row, axis=1)
     rows["column"] = rows.apply(layout.column, axis=1)
-    rows = rows.dropna(subset=["row", "column"])
+    return rows.dropna(subset=["row", "column"])
+
+
+def splitting_keys(placed: pd.DataFrame, settings: pd.DataFrame) -> list[str]:
+    """The settings that would pool different runs into one cell: a merge's cell must come from one config but
+    for the seed; a reference row (a base model, the ensemble) repeats unchanged in every job of a sweep over
+    merge keys, so there only keys that explain a difference in its numbers count (chosen greedily, the key that
+    separates the most disagreeing cells first)."""
+    if placed.empty or settings.empty or "job" not in placed:
+        return []
+    varying = [k for k in settings.columns if settings.loc[settings.index.isin(placed["job"]), k].nunique() > 1]
+    rows = placed.join(settings[varying], on="job").fillna({k: ABSENT for k in varying})
+    merged = rows[rows.model_role == "merged"]
+    keys = [k for k in varying if (merged.groupby(["row", "column", "metric"])[k].nunique() > 1).any()]
+    references = rows[rows.model_role != "merged"].assign(value=lambda r: r["value"].round(9))
+    while (count := _disagreeing(references, keys)) and (rest := [k for k in varying if k not in keys]):
+        best = min(rest, key=lambda k: (_disagreeing(references, [*keys, k]), k))
+        if _disagreeing(references, [*keys, best]) == count:
+            break  # repeats of one config that disagree (e.g. GPU nondeterminism): no setting explains them
+        keys.append(best)
+    return sorted(keys)
+
+
+def _disagreeing(rows: pd.DataFrame, keys: list[str]) -> int:
+    """How many cells (one seed, one value of each key) hold more than one distinct number."""
+    if rows.empty:
+        return 0
+    return int((rows.groupby(["row", "column", "metric", "seed", *keys])["value"].nunique() > 1).sum())
+
+
+def build_table(df: pd.DataFrame, layout: Layout, paper: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per method, per column `mean`, `std`, `n` (and `paper`, `delta` when given) — tidy, then pivoted.
+    The rows must not differ in any setting but the seed (`splitting_keys` divides them first)."""
+    rows = place(df, layout)
     # one value per (method, column, seed): a base model's rows repeat in every job of a sweep
     per_seed = rows.groupby(["row", "column", "seed"], sort=False)["value"].mean().reset_index()
     stats = per_seed.groupby(["row", "column"], sort=False)["value"].agg(["mean", "std", "count"]).reset_index()
@@ -185,7 +303,8 @@ def _row_order(labels: list[str], paper: pd.DataFrame | None) -> list[str]:
 
 
 def wide(stats: pd.DataFrame, planned: int) -> pd.DataFrame:
-    """The paper's layout: cells `mean ± std` (with `(n=k)` where fewer seeds than planned finished)."""
+    """The paper's layout: cells `mean ± std (n=k)` over k seeds (`(n=k of m)` where fewer than planned finished;
+    one seed has no ±)."""
     columns = list(dict.fromkeys(stats["column"]))
     out = pd.DataFrame(index=stats["row"].cat.categories)
     has_paper = "paper" in stats
@@ -209,15 +328,16 @@ def _cell(part: pd.DataFrame, row: str, planned: int) -> str:
     if row not in part.index or pd.isna(part.loc[row, "mean"]):
         return "—"
     n = int(part.loc[row, "count"])
-    text = f"{part.loc[row, 'mean']:.2f} ± {part.loc[row, 'std']:.2f}"
-    return f"{text} (n={n})" if n < planned else text
+    spread = f" ± {part.loc[row, 'std']:.2f}" if n > 1 else ""
+    return f"{part.loc[row, 'mean']:.2f}{spread} (n={n}{f' of {planned}' if n < planned else ''})"
 
 
 def rich_table(table: pd.DataFrame, title: str) -> Table:
     """The wide table for the terminal; with paper columns, each setting's cell shows ours over `paper (Δ)`."""
     settings = [c for c in table.columns if not c.endswith((" paper", " Δ"))]
     has_paper = any(c.endswith(" paper") for c in table.columns)
-    out = Table(title=title, caption="ours (mean ± std over seeds); paper value (ours − paper)" if has_paper else None)
+    caption = "ours: mean ± std over n seeds" + ("; paper value (ours − paper)" if has_paper else "")
+    out = Table(title=title, caption=caption)
     out.add_column("method", no_wrap=True)
     for col in settings:
         out.add_column(col, justify="right")
@@ -239,12 +359,44 @@ def markdown(table: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+class ReportError(Exception):
+    """A report that cannot be made as asked: one line for the user."""
+
+
+@dataclasses.dataclass
+class Part:
+    """One table of the report: the runs that share one value of each splitting key (all runs when none)."""
+
+    values: dict[str, str]
+    stats: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.values.items())
+
+
+def parts(df: pd.DataFrame, layout: Layout, paper: pd.DataFrame | None, keys: list[str]) -> list[Part]:
+    if not keys:
+        return [Part({}, build_table(df, layout, paper))]
+    return [
+        Part(dict(zip(keys, values)), build_table(part, layout, paper)) for values, part in df.groupby(keys, sort=True)
+    ]
+
+
+def _describe(df: pd.DataFrame, keys: list[str]) -> str:
+    return ", ".join(f"{k} ({', '.join(sorted(df[k].unique()))})" for k in keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mergebench-report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a multirun (or run) folder")
     parser.add_argument("--paper", choices=sorted(LAYOUTS), help="lay out as this paper table, with its numbers")
     parser.add_argument("--out", type=Path, help="where to write tables/ (default: FOLDER/tables)")
     parser.add_argument("--seeds", type=int, help="seeds planned per cell (default: the most any cell has)")
+    parser.add_argument(
+        "--where", action="append", default=[], metavar="KEY=VALUE",
+        help="only runs whose resolved config has this value (repeatable), e.g. --where train.epochs=3",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not args.folder.is_dir():
         parser.error(f"folder {args.folder} does not exist")
@@ -254,21 +406,56 @@ def main(argv: list[str] | None = None) -> int:
     if df.empty:
         console.print(f"[red]error:[/] no results.csv under {args.folder}", highlight=False)
         return 1
+    settings = job_settings(list(df["job"].unique()))
+    try:
+        df = select(df, settings, args.where)
+    except ReportError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        return 2
     layout = LAYOUTS[args.paper] if args.paper else generic_layout(df)
-    paper = paper_values(args.paper) if args.paper else None
-    stats = build_table(df, layout, paper)
-    planned = args.seeds or int(stats["count"].max())
-    table = wide(stats, planned)
-    out_dir = args.out or args.folder / "tables"
+    keys = splitting_keys(place(df, layout), settings)
+    df = df.join(settings[keys], on="job")
     name = args.paper or "results"
-    atomic_write_text(out_dir / f"{name}.csv", table.to_csv())
-    atomic_write_text(out_dir / f"{name}_long.csv", stats.to_csv(index=False))
-    atomic_write_text(out_dir / f"{name}.md", markdown(table, layout.title))
-    console.print(rich_table(table, layout.title))
-    console.print(f"tables: {out_dir}/{name}.csv", highlight=False)
-    for path in write_plots(df, out_dir, paper, args.paper or ""):
-        console.print(f"plot: {path}", highlight=False)
+    if keys and not args.paper:
+        layout = generic_layout(df, keys)
+        console.print(f"runs differ in {_describe(df, keys)}: one column per value", highlight=False)
+        keys = []
+    elif keys:
+        first = keys[0], sorted(df[keys[0]].unique())[-1]
+        console.print(
+            f"runs differ in {_describe(df, keys)}, which the {name} layout has no place for: one table per value; "
+            f"select one with --where {first[0]}={first[1]}",
+            highlight=False, soft_wrap=True,
+        )  # fmt: skip
+    paper = paper_values(args.paper) if args.paper else None
+    tables = parts(df, layout, paper, keys)
+    planned = args.seeds or int(max(part.stats["count"].fillna(0).max() for part in tables))
+    out_dir = args.out or args.folder / "tables"
+    write_tables(tables, keys, planned, out_dir, name, layout.title)
+    for part in tables:
+        rows = df.loc[(df[list(part.values)] == pd.Series(part.values)).all(axis=1)] if part.values else df
+        plot_dir = out_dir / part.label.replace(" ", "_") if part.values else out_dir
+        for path in write_plots(rows, plot_dir, paper, args.paper or ""):
+            console.print(f"plot: {path}", highlight=False)
     return 0
+
+
+def write_tables(tables: list[Part], keys: list[str], planned: int, out_dir: Path, name: str, title: str) -> None:
+    """NAME.csv (the wide tables; with splitting keys, one block per value, the keys as leading columns),
+    NAME_long.csv (tidy) and NAME.md; each table printed."""
+    wides, longs, sections = [], [], []
+    for part in tables:
+        table = wide(part.stats, planned)
+        heading = f"{title} [{part.label}]" if part.values else title
+        console.print(rich_table(table, escape(heading)))
+        sections.append(markdown(table, heading))
+        wides.append(table.reset_index().assign(**part.values)[[*keys, "method", *table.columns]])
+        longs.append(part.stats.assign(**part.values)[[*keys, *part.stats.columns]])
+    wide_csv = pd.concat(wides, ignore_index=True)
+    atomic_write_text(out_dir / f"{name}.csv", wide_csv.to_csv(index=False))
+    atomic_write_text(out_dir / f"{name}_long.csv", pd.concat(longs, ignore_index=True).to_csv(index=False))
+    atomic_write_text(out_dir / f"{name}.md", "\n".join(sections))
+    console.print(f"tables: {out_dir}/{name}.csv", highlight=False)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ COLUMNS = [
     "model_role", "metric", "subset", "value", "alpha", "wall_s", "diagnostics",
 ]  # fmt: skip
 
+CSV_FLOAT_FORMAT = "%.7g"  # float32 carries ~7 significant digits: what a number in results.csv keeps
+
 # rows of the papers' tables, in their order; labels not listed sort after these, alphabetically
 METHOD_ORDER = [
     "Model A", "Model B", "Base models avg.", "Ensemble", "Joint", "Coreset", "Direct averaging", "Permute",
@@ -93,9 +95,10 @@ class RowWriter:
         return pd.DataFrame(self.rows, columns=COLUMNS)
 
     def write(self, folder: Path) -> pd.DataFrame:
-        """Atomically write results.csv and results.json into `folder`."""
+        """Atomically write results.csv (numbers to 7 significant digits: float32 accuracies carry noise such as
+        83.35999846458435 beyond that) and results.json (full precision) into `folder`."""
         df = self.frame()
-        atomic_write_text(folder / "results.csv", df.to_csv(index=False))
+        atomic_write_text(folder / "results.csv", df.to_csv(index=False, float_format=CSV_FLOAT_FORMAT))
         atomic_write_text(folder / "results.json", json.dumps(self.rows, indent=1, default=_jsonable))
         return df
 

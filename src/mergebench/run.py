@@ -35,7 +35,7 @@ from mergebench.merge.curve import barriers, interpolation_curve
 from mergebench.merge.strategies import Methods, align_to
 from mergebench.models import ModelInput
 from mergebench.pause import pause_point
-from mergebench.progress import console
+from mergebench.progress import announce
 from mergebench.results import RowWriter, base_label, method_label
 from mergebench.train import BaseModelRequest, train_best_epoch, train_or_load
 
@@ -139,7 +139,7 @@ def run(cfg: RunConfig, out_dir: Path, loaded: Loaded | None = None) -> pd.DataF
     finished = ResultsCache(cfg.cache_dir)
     key = content_key({"config": cfg.raw, "data": scenario_digest(scenario), "code": code_digest()})
     if finished.restore(key, out_dir) is not None:
-        console.log(f"cache hit: run finished before: reusing its rows (results {key})", highlight=False)
+        announce(f"cache hit: run finished before: reusing its rows (results {key})")
         return pd.read_csv(out_dir / "results.csv")
     df = merge_and_evaluate(cfg, scenario, out_dir)
     finished.store(key, out_dir, len(df))
@@ -199,7 +199,7 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
     merge = select_merge_data(scenario, cfg.merge_data)
     if cfg.references.coreset:
         if cfg.merge_data.per_class is None:  # all the merge data: the joint model (or a client's), not a coreset
-            console.log("references.coreset: skipped, the merge data is not a coreset (merge_data.per_class=null)")
+            announce("references.coreset: skipped, the merge data is not a coreset (merge_data.per_class=null)")
         else:
             recipe = cfg.references.coreset_recipe(cfg.train)
             if cfg.references.coreset_report == "last":

@@ -20,7 +20,7 @@ from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.loader import Batches
 from mergebench.errors import ConfigError
 from mergebench.pause import pause_point
-from mergebench.progress import EpochProgress, console
+from mergebench.progress import EpochProgress, announce
 
 TRAINER_VERSION = 2  # 2: warm-up capped by warmup_max_fraction; warmup_cosine
 
@@ -210,7 +210,7 @@ def train_or_load(
     model = build()
     model.load_state_dict(state)
     verb = "cache hit" if hit else f"trained in {meta.get('wall_s', 0):.1f}s"
-    console.log(f"{request.label}: {verb} ({key})")
+    announce(f"{request.label}: {verb} ({key})")
     return model.eval(), {**meta, "cache_hit": hit}
 
 
