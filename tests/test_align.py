@@ -15,7 +15,7 @@ from mergebench.align import ALIGNERS
 from mergebench.align.activations import activation_stats
 from mergebench.align.cca import CCAMaps, CCAParams
 from mergebench.align.permute import correlation_matching
-from mergebench.align.weight_matching import weight_matching
+from mergebench.align.weight_matching import parameters, rematch_by_weights, weight_matching
 from mergebench.context import MergeContext
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.merge_data import MergeData
@@ -103,15 +103,18 @@ def test_planted_permutations_are_recovered(name: str, params: dict, channels: i
     torch.testing.assert_close(logits(aligned, x), logits(model_a, x), rtol=1e-5, atol=1e-5)
 
     # activation matching: exact on every unit the data can tell apart; a dead unit (zero on all data, in A and in
-    # B alike) can only be matched to some dead unit, which is the same function on that data
+    # B alike) is matched to a dead unit by correlation, and to its own planted copy once rematched by weights
     stats = activation_stats(spec, model_a, model_b, [(x[:40], None), (x[40:], None)])
-    found, mean_corr = correlation_matching(stats)
-    alive = {g: s.std_a > 0 for g, s in stats.items()}
-    assert recovered({g: t.perm for g, t in found.items()}, planted, alive) == 1.0
+    found, dead, mean_corr = correlation_matching(stats)
+    alive = {g: ~s.dead_a for g, s in stats.items()}
+    assert recovered(found, planted, alive) == 1.0
     for g, s in stats.items():
-        assert (s.std_b[found[g].perm] > 0).equal(alive[g])
+        assert (~s.dead_b[found[g]]).equal(alive[g])
+        assert torch.equal(dead.get(g, torch.empty(0, dtype=torch.long)), torch.nonzero(~alive[g]).flatten())
     assert mean_corr > 0.5
-    aligned = with_state(model_a, apply_transforms(model_b.state_dict(), spec, found))
+    found = rematch_by_weights(spec, parameters(model_a), parameters(model_b), found, dead)
+    assert recovered(found, planted) == 1.0
+    aligned = with_state(model_a, apply_transforms(model_b.state_dict(), spec, as_transforms(found)))
     torch.testing.assert_close(logits(aligned, x), logits(model_a, x), rtol=1e-5, atol=1e-5)
 
     # small noise on every weight and statistic: still at least 95% of the units
@@ -119,8 +122,8 @@ def test_planted_permutations_are_recovered(name: str, params: dict, channels: i
     perms, _ = weight_matching(spec, state_a, state_b, seed=0)
     assert recovered(perms, planted) >= 0.95
     stats = activation_stats(spec, model_a, with_state(model_a, state_b), [(x, None)])
-    found, _ = correlation_matching(stats)
-    assert recovered({g: t.perm for g, t in found.items()}, planted, alive) >= 0.95
+    found, _, _ = correlation_matching(stats)
+    assert recovered(found, planted, alive) >= 0.95
 
 
 def as_transforms(perms: dict[str, Tensor]) -> dict[str, Transform]:

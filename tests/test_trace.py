@@ -145,11 +145,11 @@ def test_weight_matching_recovers_planted_permutation(arch: str) -> None:
 def test_permute_recovers_planted_permutation_of_every_probed_group(arch: str) -> None:
     model_a, model_b, spec, x, plant = planted(arch)
     stats = activation_stats(spec, model_a, model_b, [(x * 2 + 1, None)])  # the data the BatchNorms were warmed on
-    found, _ = correlation_matching(stats)
-    assert set(found) == set(spec.groups)
-    for group, transform in found.items():  # plant[i] = A's unit at B's position i, so B's unit inverse[i] is A's i
-        assert torch.equal(transform.perm, torch.argsort(plant[group].perm)), group
-    assert_recovers(model_a, model_b, spec, found)
+    found, dead, _ = correlation_matching(stats)
+    assert set(found) == set(spec.groups) and not dead
+    for group, perm in found.items():  # plant[i] = A's unit at B's position i, so B's unit inverse[i] is A's i
+        assert torch.equal(perm, torch.argsort(plant[group].perm)), group
+    assert_recovers(model_a, model_b, spec, {g: Transform.permutation(p) for g, p in found.items()})
 
 
 def test_a_spec_missing_one_axis_is_caught_by_the_verification() -> None:

@@ -40,9 +40,32 @@ class GroupStats:
     def std_b(self) -> Tensor:
         return self.cov_b.diagonal().clamp_min(0).sqrt()
 
-    def correlation(self, eps: float = 1e-4) -> Tensor:
-        """Pearson correlation A×B; the eps keeps dead units (zero variance) at 0 instead of NaN."""
-        return self.cov_ab / (torch.outer(self.std_a, self.std_b) + eps)
+    @property
+    def dead_a(self) -> Tensor:
+        return dead_units(self.std_a)
+
+    @property
+    def dead_b(self) -> Tensor:
+        return dead_units(self.std_b)
+
+    def correlation(self) -> Tensor:
+        """Pearson correlation A×B, free of scale: a unit's correlation does not depend on its variance, however
+        small (an absolute epsilon in the denominator understated low-variance units). Dead units correlate 0."""
+        return self.cov_ab / torch.outer(_live_std(self.std_a), _live_std(self.std_b))
+
+
+# a unit whose standard deviation on the merge data is below this fraction of its group's largest carries nothing
+# but rounding there: it correlates 0 with every unit, and aligners place it by other means
+DEAD_STD = 1e-6
+
+
+def dead_units(std: Tensor) -> Tensor:
+    """Which units are dead on the data (a boolean mask), relative to the largest std among them."""
+    return ~(std > DEAD_STD * std.max().clamp_min(torch.finfo(std.dtype).tiny))
+
+
+def _live_std(std: Tensor) -> Tensor:
+    return std.masked_fill(dead_units(std), float("inf"))
 
 
 STATS_CHUNK = 100  # samples per forward in the statistics pass: every model's probe outputs wait for the last's
@@ -58,9 +81,6 @@ def channel_first(output: Tensor, view: ProbeView = CHANNELS_FIRST) -> Tensor:
     if view.pooled:
         output = output.mean(dim=view.pooled, keepdim=True)
     return output.movedim(view.axis, 0)
-
-
-DEAD_STD_PRODUCT = 1e-12  # a unit with zero variance correlates 0 with every other unit, instead of NaN
 
 
 class StackedMoments:
@@ -113,8 +133,8 @@ class StackedMoments:
     def correlation(self) -> Tensor:
         """Pearson correlation of all stacked units (ZipIt!'s K·n × K·n similarity)."""
         _, cov = self.mean_cov()
-        std = cov.diagonal().clamp_min(0).sqrt()
-        return cov / torch.outer(std, std).clamp_min(DEAD_STD_PRODUCT)
+        std = torch.cat([_live_std(part) for part in cov.diagonal().clamp_min(0).sqrt().split(self.widths)])
+        return cov / torch.outer(std, std)
 
     def pair_stats(self) -> GroupStats:
         """Models 0 and 1 as A and B."""

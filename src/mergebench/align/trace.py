@@ -246,7 +246,7 @@ class _Builder:
         if node.op == "call_method":
             return METHOD_RULES.get(node.target), f"method .{node.target}()"
         name = getattr(node.target, "__name__", str(node.target))
-        return FUNCTION_RULES.get(node.target), f"function {name}"
+        return FUNCTION_RULES.get(node.target) or NAMED_FUNCTION_RULES.get(name), f"function {name}"
 
     # helpers for rules ------------------------------------------------------------------------------------------
     def arg(self, node: fx.Node, i: int, key: str, default: Any = None) -> Any:
@@ -630,7 +630,8 @@ UNARY_FUNCTIONS = (
     operator.neg, torch.neg, F.softmax, F.log_softmax, torch.softmax, torch.clone, torch.clamp,
 )  # fmt: skip
 ELEMENTWISE = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
-               torch.div, torch.maximum, torch.minimum, torch.where, operator.iadd, operator.imul)  # fmt: skip
+               torch.div, torch.maximum, torch.minimum, torch.where, operator.iadd, operator.imul, torch.addcmul,
+               torch.addcdiv, torch.lerp)  # fmt: skip
 FUNCTION_RULES: dict[Any, Rule] = {
     **dict.fromkeys(UNARY_FUNCTIONS, _same),
     **dict.fromkeys(ELEMENTWISE, _broadcast),
@@ -663,7 +664,9 @@ SAME_METHODS = ("relu", "sigmoid", "tanh", "exp", "abs", "neg", "softmax", "log_
 RESHAPE_METHODS = ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as")
 METHOD_RULES: dict[str, Rule] = {
     **dict.fromkeys(SAME_METHODS, _same),
-    **dict.fromkeys(("add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_"), _broadcast),
+    **dict.fromkeys(
+        ("add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "addcmul", "addcdiv", "lerp"), _broadcast
+    ),
     **dict.fromkeys(RESHAPE_METHODS, _reshape),
     "permute": _reorder(torch.Tensor.permute),
     "transpose": _reorder(torch.Tensor.transpose),
@@ -675,6 +678,9 @@ METHOD_RULES: dict[str, Rule] = {
     "expand": _expand,
     "expand_as": _expand,
 }
+# functions of vision libraries that fx keeps whole (`torch.fx.wrap`), known by name so the core imports none of
+# them: torchvision's stochastic depth scales whole samples, so each keeps its input's axes
+NAMED_FUNCTION_RULES: dict[str, Rule] = {"stochastic_depth": _same, "drop_path": _same}
 LOOK_THROUGH = (*POOLS, nn.Flatten)  # a probe is taken before these, as the hand-written specs do
 
 
@@ -708,19 +714,22 @@ def trace_spec(model: nn.Module, example: Tensor) -> TracedSpec:
     start = time.perf_counter()
     tracer = fx.Tracer()
     tracer.record_stack_traces = True  # warnings name the user's source line
-    try:
-        gm = fx.GraphModule(model, tracer.trace(model))
-    except Exception as err:
-        raise _trace_error(model, err) from None
     modes = {m: m.training for m in model.modules()}
+    # traced in eval mode: a drop path written as `if self.training: x * rand(...)` is then the identity it is at
+    # inference, not random ops that would cut the residual stream it sits on
     model.eval()
     try:
-        recorder = _record_shapes(gm, example[:2])
-    except Exception as err:
-        raise TraceError(
-            f"running the traced {type(model).__name__} on an input of shape {list(example.shape)} failed: "
-            f"{(str(err).strip().splitlines() or [type(err).__name__])[0]}"
-        ) from None
+        try:
+            gm = fx.GraphModule(model, tracer.trace(model))
+        except Exception as err:
+            raise _trace_error(model, err) from None
+        try:
+            recorder = _record_shapes(gm, example[:2])
+        except Exception as err:
+            raise TraceError(
+                f"running the traced {type(model).__name__} on an input of shape {list(example.shape)} failed: "
+                f"{(str(err).strip().splitlines() or [type(err).__name__])[0]}"
+            ) from None
     finally:
         for m, mode in modes.items():
             m.training = mode

@@ -6,11 +6,18 @@ group) gives a merge that is silently wrong; this check costs four forwards of o
 with one line naming the group. Images are cropped to SMALL_SIDE pixels where the model gives logits of the same
 shape on them (fully convolutional nets with global pooling): a permutation acts on channels, never on positions, so
 a spec that holds on a crop holds on the full image, and ResNet20×16 checks in a fraction of the time.
+
+The check must never refuse a correct spec, so nothing but the spec may move the logits: a difference above the
+float32 bound is decided on a float64 copy of the model (in float32, BatchNorm's batch statistics over the few
+values an ImageNet net keeps at 1×1 magnify rounding to a visible difference); every module whose train-mode
+forward draws random numbers (dropout, stochastic depth, drop path, whatever the model calls them) is found by
+running it and kept in eval mode; non-persistent buffers (in no state dict) are left as they are.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from collections.abc import Iterator, Mapping
@@ -19,12 +26,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
 
 from mergebench.align.trace import model_spec
 from mergebench.errors import ConfigError
 from mergebench.spec import PermutationSpec, Transform, apply_transforms
 
-TOLERANCE = 1e-4  # max |Δlogit| allowed, relative to the largest |logit|
+# max |Δlogit| allowed, relative to the largest |logit|: float64 rounding through a deep net stays below 1e-12, an
+# axis on the wrong group moves logits by 1e-3 and more
+TOLERANCE = 1e-8
+# where a model cannot run in float64 (an op without a float64 kernel), the float32 check's bound
+FLOAT32_TOLERANCE = 1e-4
 MODES = ("eval", "train")
 # samples the check runs on: batch statistics need two, and every sample costs four forwards (a 32×32 image through
 # ResNet20×16 is ~0.3 s on one CPU thread), so a few: a misplaced unit shows in every sample where it is active
@@ -42,36 +54,127 @@ class Verification:
     max_diff: dict[str, float]
     scale: float
     seconds: float
+    dtype: str = "float32"
+    random_off: tuple[str, ...] = ()
+    rounding: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def diagnostics(self) -> dict[str, Any]:
         return {
+            **self.rounding,
             "verify_groups": self.groups,
             **{f"verify_max_diff_{mode}": diff for mode, diff in self.max_diff.items()},
             "verify_scale": self.scale,
             "verify_s": self.seconds,
+            "verify_dtype": self.dtype,
+            "verify_random_off": list(self.random_off),
         }
 
 
-def _set_mode(model: nn.Module, mode: str) -> None:
-    """Train mode for normalisation (batch statistics) but dropout off, so both models draw nothing at random."""
+@dataclasses.dataclass
+class CheckModel:
+    """The model the check runs (model B itself, or its float64 copy) and the names of its modules whose
+    train-mode randomness is switched off."""
+
+    model: nn.Module
+    x: Tensor
+    tolerance: float
+    random_off: tuple[str, ...] = ()
+
+    @property
+    def dtype(self) -> str:
+        return str(self.x.dtype).removeprefix("torch.")
+
+    def logits(self, mode: str, state: Mapping[str, Tensor] | None = None) -> Tensor:
+        return _logits(self.model, self.x, mode, state, self.random_off)
+
+
+def float64_copy(model: nn.Module, x: Tensor, random_off: tuple[str, ...]) -> CheckModel | None:
+    """A float64 copy of `model` (the user's model is never touched); None where a float64 forward fails (an op
+    without a float64 kernel)."""
+    copied = copy.deepcopy(model).to(torch.float64)
+    cx = x.to(torch.float64) if x.is_floating_point() else x
+    try:
+        _logits(copied, cx, "eval")
+    except RuntimeError:
+        return None
+    return CheckModel(copied, cx, TOLERANCE, random_off)
+
+
+def switch_off_randomness(model: nn.Module, x: Tensor) -> tuple[str, ...]:
+    """The names of the modules to keep in eval mode because their train-mode output changes with the random seed
+    (dropout, stochastic depth, drop path, a user's noise layer). Dropout layers are known; anything else is found
+    by running the model under two seeds, then its modules deepest first, so a block is switched off whole only
+    when its randomness is its own (a functional drop path in its forward); its BatchNorm layers then stay on batch
+    statistics. Randomness drawn per sample that this misses by chance (a rarely dropped path) is harmless: every
+    forward of the check starts from the same seed, so the original and the permuted model draw the same samples."""
+    probe = x[:2]  # two samples: batch statistics still exist, element-wise noise shows in any batch
+    known = tuple(name for name, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd))
+    with _restored(model):
+        _set_mode(model, "train", known)
+        if not _random(model, (probe,), {}):
+            return known
+        inputs: dict[str, tuple[tuple, dict]] = {}
+        names = {m: name for name, m in model.named_modules()}
+
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            inputs.setdefault(names[module], (args, kwargs))
+
+        handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
+        try:
+            with _restored(model), torch.no_grad():
+                model(probe)
+        finally:
+            for handle in handles:
+                handle.remove()
+        modules, off = dict(model.named_modules()), list(known)
+        for name in sorted(inputs, key=lambda n: -n.count(".") - (n != "")):
+            if modules[name].training and _random(modules[name], *inputs[name]):
+                off.append(name)
+                _set_mode(model, "train", tuple(off))
+                if not _random(model, (probe,), {}):
+                    break
+        return tuple(off)
+
+
+def _random(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether two forwards under different seeds disagree (buffers restored after each)."""
+    outputs = []
+    first = next((a for a in tree_leaves((args, kwargs)) if isinstance(a, Tensor)), torch.empty(0))
+    for seed in (0, 1):
+        with _seeded(seed, first), _restored(module), torch.no_grad():
+            outputs.append([t for t in tree_leaves(module(*args, **kwargs)) if isinstance(t, Tensor)])
+    return any(not torch.equal(a, b) for a, b in zip(*outputs))
+
+
+def _set_mode(model: nn.Module, mode: str, off: tuple[str, ...] = ()) -> None:
+    """Eval mode, or train mode (normalisation on batch statistics) with the modules named in `off` in eval mode
+    but their BatchNorm layers still on batch statistics."""
     model.train(mode == "train")
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
+    if mode != "train":
+        return
+    modules = dict(model.named_modules())
+    for name in off:
+        modules[name].eval()
+        for inner in modules[name].modules():
+            if isinstance(inner, nn.modules.batchnorm._NormBase):
+                inner.train()
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, x: Tensor, mode: str, state: Mapping[str, Tensor] | None = None) -> Tensor:
-    """Logits as float64, of the model or of the model with the tensors of `state` in place of its own (no copy
-    of a big model); the model's modes and buffers (train mode updates running statistics) are restored."""
+@contextlib.contextmanager
+def _seeded(seed: int, like: Tensor) -> Iterator[None]:
+    """The global generators of the CPU and of `like`'s device seeded for the duration, then as they were."""
+    with torch.random.fork_rng(devices=[like.device] if like.is_cuda else []):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _restored(model: nn.Module) -> Iterator[None]:
+    """The model's modes and buffers (train mode updates running statistics) as they were, afterwards."""
     modes = {m: m.training for m in model.modules()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
-        _set_mode(model, mode)
-        if state is None:
-            return model(x).double()
-        with _swapped(model, state):
-            return model(x).double()
+        yield
     finally:
         for m, training in modes.items():
             m.training = training
@@ -79,15 +182,31 @@ def _logits(model: nn.Module, x: Tensor, mode: str, state: Mapping[str, Tensor] 
             b.copy_(buffers[name])
 
 
+@torch.no_grad()
+def _logits(
+    model: nn.Module, x: Tensor, mode: str, state: Mapping[str, Tensor] | None = None, off: tuple[str, ...] = ()
+) -> Tensor:
+    """Logits as float64, of the model or of the model with the tensors of `state` in place of its own (no copy
+    of a big model); the model's modes and buffers are restored."""
+    with _restored(model), _seeded(0, x):  # randomness left draws the same in the original and the permuted model
+        _set_mode(model, mode, off)
+        if state is None:
+            return model(x).double()
+        with _swapped(model, state):
+            return model(x).double()
+
+
 @contextlib.contextmanager
 def _swapped(model: nn.Module, state: Mapping[str, Tensor]) -> Iterator[None]:
     """The model with `state`'s tensors as its parameters' and buffers' data for the duration (no copy of a big
-    model; tied tensors, listed once by named_parameters, are swapped once), then its own again."""
+    model; tied tensors, listed once by named_parameters, are swapped once), then its own again. Non-persistent
+    buffers (an index table, not in any state dict) keep their own data."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     own = [t.data for _, t in tensors]
     try:
         for name, t in tensors:
-            t.data = state[name]
+            if name in state:
+                t.data = state[name]
         yield
     finally:
         for (_, t), data in zip(tensors, own):
@@ -143,47 +262,86 @@ def _diff(a: Tensor, b: Tensor) -> float:
 
 
 def verify_spec(
-    model: nn.Module, spec: PermutationSpec, x: Tensor, *, seed: int = 0, tolerance: float = TOLERANCE
+    model: nn.Module, spec: PermutationSpec, x: Tensor, *, seed: int = 0, tolerance: float | None = None
 ) -> Verification:
-    """Check that a seeded random permutation of every group keeps `model`'s logits on `x` (eval and train mode);
-    raise SpecMismatchError naming the first group that alone breaks them."""
+    """Check that a seeded random permutation of every group keeps `model`'s logits on `x` (eval and train mode,
+    train-time randomness off); raise SpecMismatchError naming the first group that alone breaks them.
+
+    The model is checked as it is (float32, FLOAT32_TOLERANCE) and, only where that fails, again on a float64 copy
+    (TOLERANCE): rounding passes there, a wrong spec fails there too. `tolerance` replaces both bounds."""
     start = time.perf_counter()
+    check = CheckModel(model, x, FLOAT32_TOLERANCE, switch_off_randomness(model, x))
+    if x.dtype == torch.float64 or not x.is_floating_point():
+        check.tolerance = TOLERANCE
     transforms = moving_permutations(spec, model.state_dict(), seed)
-    permuted = _permuted(model, spec, transforms)
+    outcome = _compare(check, spec, transforms, tolerance)
+    rounding = {}
+    if isinstance(outcome, Failure) and check.dtype != "float64":
+        exact = float64_copy(model, x, check.random_off)
+        if exact is not None:
+            rounding = {f"verify_float32_diff_{outcome.mode}": outcome.diff}
+            check, outcome = exact, _compare(exact, spec, transforms, tolerance)
+    if isinstance(outcome, Failure):
+        raise SpecMismatchError(_blame(check, spec, transforms, outcome, model, x))
+    max_diff, scale = outcome
+    seconds = time.perf_counter() - start
+    return Verification(len(spec.groups), max_diff, scale, seconds, check.dtype, check.random_off, rounding)
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    mode: str
+    diff: float
+    limit: float
+    reference: Tensor
+
+
+def _compare(
+    check: CheckModel, spec: PermutationSpec, transforms: Mapping[str, Transform], tolerance: float | None
+) -> tuple[dict[str, float], float] | Failure:
+    """The largest |Δlogit| per mode and the logits' scale, or the first mode where it exceeds the bound."""
+    permuted = _permuted(check.model, spec, transforms)
     max_diff: dict[str, float] = {}
     scale = 0.0
     for mode in MODES:
-        reference = _logits(model, x, mode)
+        reference = check.logits(mode)
         scale = max(scale, reference.abs().max().item())
-        max_diff[mode] = _diff(_logits(model, x, mode, permuted), reference)
-        if max_diff[mode] > tolerance * max(reference.abs().max().item(), 1e-12):
-            raise SpecMismatchError(_blame(model, spec, transforms, x, mode, reference, tolerance))
-    return Verification(len(spec.groups), max_diff, scale, time.perf_counter() - start)
+        max_diff[mode] = _diff(check.logits(mode, permuted), reference)
+        limit = (check.tolerance if tolerance is None else tolerance) * max(reference.abs().max().item(), 1e-12)
+        if max_diff[mode] > limit:
+            return Failure(mode, max_diff[mode], limit, reference)
+    return max_diff, scale
 
 
 def _blame(
-    model: nn.Module,
+    check: CheckModel,
     spec: PermutationSpec,
     transforms: Mapping[str, Transform],
+    failure: Failure,
+    original: nn.Module,
     x: Tensor,
-    mode: str,
-    reference: Tensor,
-    tolerance: float,
 ) -> str:
-    """The one line a failed check prints: the first group whose permutation alone changes the logits."""
-    limit = tolerance * max(reference.abs().max().item(), 1e-12)
+    """The one line a failed check prints: the first group whose permutation alone changes the logits, and whether
+    that is above rounding (on the float64 copy, where float32 rounding is measured too) or may be rounding (a
+    model that cannot run in float64)."""
+    mode, reference = failure.mode, failure.reference
+    if check.dtype == "float64":
+        rounding = _diff(_logits(original, x, mode, off=check.random_off), reference)
+        where = f"in {mode} mode, above rounding (a float64 copy; float32 rounding alone moves them by {rounding:.2g})"
+    else:
+        where = f"in {mode} mode ({check.dtype}: the model does not run in float64, so this may be rounding)"
     for group in spec.groups:
-        diff = _diff(_logits(model, x, mode, _permuted(model, spec, {group: transforms[group]})), reference)
-        if diff > limit:
-            members = spec.members(group)
+        diff = _diff(check.logits(mode, _permuted(check.model, spec, {group: transforms[group]})), reference)
+        if diff > failure.limit:
+            members = spec.members(group) or [(name, axis) for name, axis, _ in spec.part_members(group)]
             return (
                 f"permutation spec check failed: permuting group {group!r} ({len(members)} tensor axes, e.g. "
-                f"{members[0][0]}) changes the logits by {diff:.3g} in {mode} mode (allowed {limit:.3g}); "
-                "an axis that carries this group's units is missing from the spec or is in the wrong group"
+                f"{members[0][0]}) changes the logits by {diff:.3g} {where}; allowed {failure.limit:.3g}: an "
+                "axis that carries this group's units is missing from the spec or is in the wrong group"
             )
     return (
-        f"permutation spec check failed: permuting all groups together changes the logits in {mode} mode, "
-        "though no single group does; two groups share units the spec keeps apart"
+        f"permutation spec check failed: permuting all groups together changes the logits by {failure.diff:.3g} "
+        f"{where}, though no single group does: two groups share units the spec keeps apart"
     )
 
 

@@ -347,6 +347,31 @@ def weight_matching(
     return {g: p.cpu() for g, p in perms.items()}, info
 
 
+def rematch_by_weights(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    perms: Mapping[str, Tensor],
+    units: Mapping[str, Tensor],
+) -> dict[str, Tensor]:
+    """`perms` with, per group, A's `units` rematched among the B units they hold by weight matching's cost (the
+    other groups at `perms`): for units another method could not place (dead on the merge data)."""
+    (plain, state_a), (_, state_b) = spec.plain_view(state_a), spec.plain_view(state_b)
+    problem = _Problem(plain, state_a, state_b)
+    current = {g: perms[g].to(problem.device) for g in problem.groups}
+    versions = {g: problem.new_version() for g in problem.groups}
+    out = dict(current)
+    for group, rows in units.items():
+        if group not in problem.sizes or rows.numel() < 2:
+            continue
+        rows = rows.to(problem.device)
+        held = current[group][rows]
+        cost = problem.cost(group, current, versions, settled=False)[rows][:, held]
+        out[group] = current[group].clone()
+        out[group][rows] = held[_assign(cost)]
+    return {g: p.cpu() for g, p in out.items()}
+
+
 def parameters(model: nn.Module) -> dict[str, Tensor]:
     """The model's parameters by state-dict name, detached: what weight matching scores (DESIGN §5.1)."""
     return {k: v.detach() for k, v in model.named_parameters()}
