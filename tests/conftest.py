@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the real datasets (MNIST/raw, ...): $MERGEBENCH_DATA as the CLI reads it, else this repository's own neighbour
+# folder. Every real-data skip names this folder in its reason, which is how the summary line below finds them.
+SHARED_DATA = Path(os.environ.get("MERGEBENCH_DATA") or REPO.parent / "shared" / "data").expanduser()
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -23,6 +26,22 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture
 def shared_data() -> Path:
+    """The real-data root; skips (named in the terminal summary) when it holds no MNIST."""
     if not (SHARED_DATA / "MNIST" / "raw").is_dir():
         pytest.skip(f"real MNIST not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line naming the tests skipped for want of real data, so a run elsewhere never passes them silently."""
+    skipped = [
+        report.nodeid
+        for report in terminalreporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple) and str(SHARED_DATA) in report.longrepr[2]
+    ]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} real-data test(s) skipped, no data under {SHARED_DATA}: {', '.join(skipped)}; "
+            "set MERGEBENCH_DATA=<folder with MNIST/raw and the other datasets they name> to run them",
+            yellow=True,
+        )

@@ -33,7 +33,9 @@ def results_of(cwd: Path) -> pd.DataFrame:
 BAD_INPUT = [
     pytest.param(["align=foo"], "align='foo' is not known; allowed: cca, identity", id="unknown-group-option"),
     pytest.param(
-        ["dataset=imagenet"], "dataset='imagenet' is not known; allowed: cifar10, cifar100, digits", id="dataset"
+        ["dataset=imagenet"],
+        "dataset='imagenet' is not known; did you mean imagenet200? allowed: cifar10, cifar100, digits",
+        id="dataset",
     ),
     pytest.param(["-m", "align=identity,nope"], "align='nope' is not known", id="unknown-option-in-sweep"),
     pytest.param(["foo=1"], "foo is not a known key", id="unknown-top-key"),
@@ -59,6 +61,29 @@ BAD_INPUT = [
     pytest.param(
         ["data=cross_dataset", "dataset=digits", "data.others=[nope]"], "data.others='nope' is not known", id="others"
     ),
+    # a typo gets its fix (issue 21): the closest key or option first, then what is allowed
+    pytest.param(
+        ["train.epoch=3"], "train.epoch is not a known key; did you mean train.epochs? allowed: amp,", id="key-typo"
+    ),
+    pytest.param(["traim.epochs=3"], "traim.epochs is not a known key; did you mean train.epochs?", id="section-typo"),
+    pytest.param(["+sed=1"], "sed is not a known key; did you mean seed? allowed: agg,", id="added-key-typo"),
+    pytest.param(["align=permut"], "align='permut' is not known; did you mean permute? allowed: cca", id="option-typo"),
+    pytest.param(["train.optimizer=adma"], "train.optimizer='adma' is not known; did you mean adam?", id="value-typo"),
+    pytest.param(
+        ["-m", "seed=0,1", "hydra/launcher=basci"],
+        "hydra/launcher='basci' is not known; did you mean basic? allowed: basic, joblib, submitit_local",
+        id="launcher-typo",
+    ),
+    # a sweep without -m would run one job of it, silently (issue 21)
+    pytest.param(
+        ["experiment=ym_table1", "smoke=true", "dataset=digits"],  # runs here: Hydra would run one job of it
+        "experiment=ym_table1 sweeps data.angle, seed: add -m to run its jobs, or set data.angle, seed to run one job",
+        id="preset-without-m",
+    ),
+    pytest.param(
+        ["experiment=ym_table1", "dataset=digits", "seed=0"], "or set data.angle to run one job", id="preset-partly-set"
+    ),
+    pytest.param(["seed=0,1"], "seed=0,1 lists several values: add -m to run one job per value", id="sweep-without-m"),
 ]
 
 
@@ -178,3 +203,59 @@ def test_the_check_and_the_jobs_read_each_dataset_once(tmp_path: Path, monkeypat
     cli_module.main()
     assert reads == ["digits"]
     assert len(list((tmp_path / "outputs" / "multirun").glob("*/*/*/results.csv"))) == 2
+
+
+TINY_SWEEP = ["model.hidden=[16]", "train.epochs=1", "train.batch_size=100", "data.train_limit=300"]
+
+
+def run_in_process(args: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli_module, "LOADED", {})
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["mergebench", *args, f"cache_dir={cwd / 'cache'}"])
+    cli_module.main()
+
+
+def test_hydras_own_basic_launcher_is_accepted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Launchers are checked against Hydra's search path, not only conf/hydra/launcher/ (issue 21)."""
+    run_in_process(["-m", "hydra/launcher=basic", "seed=0,1", *TINY_SWEEP], tmp_path, monkeypatch)
+    assert len(list((tmp_path / "outputs" / "multirun").glob("*/*/*/results.csv"))) == 2
+
+
+def test_preset_with_every_swept_key_set_runs_one_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting each key the preset sweeps asks for that one job: it runs without -m."""
+    args = ["experiment=ym_table1", "smoke=true", "dataset=digits", "data.angle=30", "seed=0", "curve.points=0"]
+    run_in_process([*args, "hydra.run.dir=outputs/one"], tmp_path, monkeypatch)
+    df = pd.read_csv(tmp_path / "outputs" / "one" / "results.csv")
+    assert set(df["seed"]) == {0} and df.split_params.str.contains("30").all()
+
+
+def slurm_free_path(tmp: Path, *commands: str) -> str:
+    """A PATH with only these (fake) commands on it."""
+    folder = tmp / "bin"
+    folder.mkdir()
+    for name in commands:
+        (folder / name).write_text("#!/bin/sh\nexit 1\n")
+        (folder / name).chmod(0o755)
+    return str(folder)
+
+
+def test_slurm_launcher_without_sbatch_is_one_line_before_anything_runs(tmp_path: Path) -> None:
+    args = ["-m", "seed=0,1", "hydra/launcher=submitit_slurm", *TINY_SWEEP]
+    proc = cli(args, tmp_path, PATH=slurm_free_path(tmp_path))
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "hydra/launcher=submitit_slurm" in lines[0], proc.stderr
+    assert "not found on PATH: sbatch, srun" in lines[0], lines[0]
+    assert not (tmp_path / "outputs").exists()  # nothing launched
+
+
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/.*validated against ConfigStore schema")
+def test_slurm_launcher_names_the_missing_command(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PATH", slurm_free_path(tmp_path, "sbatch"))
+    monkeypatch.setenv("COLUMNS", "80")
+    with pytest.raises(SystemExit) as exit_info:
+        run_in_process(["-m", "seed=0,1", "hydra/launcher=submitit_slurm", *TINY_SWEEP], tmp_path, monkeypatch)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err.count("\n") == 0 and "not found on PATH: srun (" in err, err

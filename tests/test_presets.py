@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mergebench.cli import CONF_DIR
+from mergebench.cli import CONF_DIR, check_single_job
 from mergebench.config import validate
 from mergebench.errors import ConfigError
 from mergebench.report import main as report_main
@@ -75,6 +76,19 @@ def test_every_job_of_every_preset_validates(name: str) -> None:
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         for job in jobs:
             validate(compose("config", overrides=[f"experiment={name}", *(f"{k}={v}" for k, v in job.items())]))
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_preset_without_m_runs_only_with_its_swept_keys_set(name: str) -> None:
+    """Without -m, Hydra would run one job of the preset's sweep and say nothing: the CLI refuses, naming the swept
+    keys, unless each of them is set, which asks for that one job (issue 21)."""
+    params = sweep_params(name)
+    preset = [f"experiment={name}"]
+    one_job = [*preset, *(f"{key}={values[0]}" for key, values in params.items())]
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        with pytest.raises(ConfigError, match=rf"experiment={name} sweeps {re.escape(', '.join(params))}: add -m"):
+            check_single_job(compose("config", overrides=preset, return_hydra_config=True).hydra, preset)
+        check_single_job(compose("config", overrides=one_job, return_hydra_config=True).hydra, one_job)
 
 
 def test_ym_presets_have_the_papers_rows() -> None:

@@ -15,6 +15,15 @@ their specs come from tracing. Each factory takes `in_channels`, `num_classes` a
   tests' random inputs (two dead units have equal activations: no activation statistic can tell them apart).
 - DenseNetStyle: dense blocks (each layer's output concatenated to its input along channels; BatchNorm and a 1×1
   conv over the concatenation), a transition, and a concatenation flattened into the Linear head.
+- ShuffleNetStyle: ShuffleNetV2 units (torchvision's layout): a stride-1 unit splits its input in two with `chunk`,
+  passes one half through and transforms the other, concatenates them and shuffles the channels (view → transpose
+  → reshape); a stride-2 unit feeds its input to two branches. `shuffle=False` leaves the shuffle out (a CSP-style
+  split-transform-merge).
+- RegNetStyle: RegNetY blocks (torchvision's layout): 1×1 conv, 3×3 grouped conv (`group_width` channels per
+  group), squeeze-excitation (`x * sigmoid(conv(relu(conv(mean(x)))))`), 1×1 conv, residual with a 1×1 projection
+  where the shape changes; `se=False` is RegNetX (a ResNeXt bottleneck).
+- GatedTransformerStyle: pre-norm transformer blocks with a fused qkv Linear split into q, k, v with `chunk` along
+  the last axis, heads by `view` + `transpose`, and a SwiGLU MLP (`a, g = fc1(x).chunk(2, -1)`, `a * silu(g)`).
 """
 
 from __future__ import annotations
@@ -284,6 +293,162 @@ class DenseNetStyle(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.block2(self.transition(self.block1(self.stem(x))))
         return self.head(torch.flatten(self.pool(torch.relu(self.norm(x))), 1))
+
+
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleUnit(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, shuffle: bool) -> None:
+        super().__init__()
+        self.stride, self.shuffle = stride, shuffle
+        branch = cout // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                nn.BatchNorm2d(cin),
+                nn.Conv2d(cin, branch, 1, bias=False),
+                nn.BatchNorm2d(branch),
+                nn.ReLU(),
+            )
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(cin if stride > 1 else branch, branch, 1, bias=False),
+            nn.BatchNorm2d(branch),
+            nn.ReLU(),
+            nn.Conv2d(branch, branch, 3, stride, 1, groups=branch, bias=False),
+            nn.BatchNorm2d(branch),
+            nn.Conv2d(branch, branch, 1, bias=False),
+            nn.BatchNorm2d(branch),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2) if self.shuffle else out
+
+
+class ShuffleNetStyle(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 16, shuffle: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        units, cin = [], width
+        for cout in (2 * width, 4 * width):
+            units += [ShuffleUnit(cin, cout, 2, shuffle), ShuffleUnit(cout, cout, 1, shuffle)]
+            cin = cout
+        self.stages = nn.Sequential(*units)
+        self.conv5 = nn.Sequential(nn.Conv2d(cin, 2 * cin, 1, bias=False), nn.BatchNorm2d(2 * cin), nn.ReLU())
+        self.fc = nn.Linear(2 * cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.conv5(self.stages(self.conv1(x))).mean([2, 3]))
+
+
+class SqueezeExcitation(nn.Module):
+    def __init__(self, channels: int, squeeze: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return x * scale
+
+
+class RegNetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, group_width: int, se: bool) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+        self.b = nn.Sequential(
+            nn.Conv2d(cout, cout, 3, stride, 1, groups=cout // group_width, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+        )
+        self.se = SqueezeExcitation(cout, max(cin // 4, 2)) if se else nn.Identity()
+        self.c = nn.Sequential(nn.Conv2d(cout, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.proj = None
+        if stride != 1 or cin != cout:
+            self.proj = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        shortcut = x if self.proj is None else self.proj(x)
+        return torch.relu(shortcut + self.c(self.se(self.b(self.a(x)))))
+
+
+class RegNetStyle(nn.Module):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, width: int = 16, group_width: int = 4, se: bool = True
+    ) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        blocks, cin = [], width
+        for cout in (2 * width, 4 * width):
+            blocks += [RegNetBlock(cin, cout, 2, group_width, se), RegNetBlock(cout, cout, 1, group_width, se)]
+            cin = cout
+        self.trunk = nn.Sequential(*blocks)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.trunk(self.stem(x)).mean((2, 3)))
+
+
+class GatedAttention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (y.view(b, t, self.heads, c // self.heads).transpose(1, 2) for y in (q, k, v))
+        attn = torch.softmax(q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5, dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, t, c))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, gate = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(a * nn.functional.silu(gate))
+
+
+class GatedBlock(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = GatedAttention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = SwiGLU(dim, 2 * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GatedTransformerStyle(nn.Module):
+    def __init__(
+        self, in_channels: int = 3, num_classes: int = 10, width: int = 16, image: int = 8, patch: int = 2
+    ) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(in_channels, width, patch, patch)
+        self.blocks = nn.Sequential(GatedBlock(width, heads=2), GatedBlock(width, heads=2))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.blocks(self.patch(x).flatten(2).transpose(1, 2))
+        return self.head(self.norm(x).mean(dim=1))
 
 
 class DataDependent(nn.Module):

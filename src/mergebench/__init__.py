@@ -1,12 +1,13 @@
 """mergebench: align, merge and repair independently trained classifiers, and reproduce the papers' tables.
 
-`mergebench.merge(models, align=..., agg=..., repair=..., data=(x, y))` merges models in memory (mergebench/api.py).
+`mergebench.merge(models, align=..., agg=..., repair=..., data=...)` merges models in memory (mergebench/api.py).
 `mergebench.merge` is also the subpackage of aggregators and repairs, so that subpackage is made callable:
-`from mergebench.merge import AGGREGATORS` and `mergebench.merge(...)` both work. A bare `import mergebench`
-still imports nothing heavy.
+`from mergebench.merge import AGGREGATORS` and `mergebench.merge(...)` both work, and `inspect.signature` (what
+IDEs and notebooks show) gives the function's. A bare `import mergebench` still imports nothing heavy.
 """
 
 import importlib
+import inspect
 import sys
 import types
 from typing import Any
@@ -21,6 +22,12 @@ class _CallablePackage(types.ModuleType):
         from mergebench.api import merge
 
         return merge(*args, **kwargs)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        from mergebench.api import merge
+
+        return inspect.signature(merge)
 
 
 class _Package(types.ModuleType):

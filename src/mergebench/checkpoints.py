@@ -1,8 +1,11 @@
 """Merging the user's own weights: `checkpoints=[a.pt,b.safetensors,...]` replaces base-model training.
 
-Each file is a state dict: `.safetensors` through the safetensors package, anything else through
-`torch.load(weights_only=True)`, which refuses a pickle that needs code to load (it is never executed). A file
-whose keys or shapes do not fit the architecture stops the run with one line listing the first mismatches.
+Each file is a state dict, read by what it holds, never by its name: a torch.save file (a zip archive, or the legacy
+pickle format) through `torch.load(weights_only=True)`, which refuses a pickle that needs code to load (it is never
+executed); a safetensors file through the safetensors package. Every bad file stops the run with one line saying
+what it is: not a checkpoint at all (a text file, an image, a plain pickle; told apart by their first bytes, checked
+when the config is validated), empty, truncated or corrupt, a pickle that would run code, or a state dict whose keys
+or shapes do not fit the architecture.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import hashlib
 import pickle
 import re
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -21,14 +25,113 @@ from torch import Tensor, nn
 from mergebench.errors import ConfigError
 
 SHOWN = 4  # mismatches listed in the one-line error
+SAVE_HINT = "save a state dict with torch.save(model.state_dict(), path) or safetensors.torch.save_file"
+HEAD = 512  # bytes read to tell what a file is
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format is a zip archive holding <name>/data.pkl
+LEGACY_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)[:-1]  # what legacy torch.save writes first
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors package's own bound on its JSON header
+# what users hand over by mistake, by their first bytes
+OTHER_FORMATS = {
+    b"\x89PNG\r\n\x1a\n": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"\x1f\x8b": "gzip-compressed data",
+    b"\x89HDF\r\n\x1a\n": "an HDF5 file (Keras .h5?)",
+    b"\x93NUMPY": "a NumPy .npy array",
+}
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be loaded safely, or does not fit the architecture."""
 
 
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+def _first_line(text: object) -> str:
+    return (str(text).strip().splitlines() or [""])[0]
+
+
+def _text_start(head: bytes) -> str | None:
+    """The first line of `head` where it reads as UTF-8 text (a multi-byte character cut at its end aside)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 3:
+            return None
+        text = head[: err.start].decode("utf-8")
+    if any(c < " " and c not in "\t\n\r\f" for c in text):
+        return None
+    return _first_line(text)[:40]
+
+
+def _what(head: bytes) -> str:
+    """What a file that is no checkpoint is, from its first bytes."""
+    if not head:
+        return "an empty file (0 bytes)"
+    known = next((name for magic, name in OTHER_FORMATS.items() if head.startswith(magic)), None)
+    if known is not None:
+        return known
+    if head[:1] == b"\x80":  # a pickle's protocol opcode, without legacy torch.save's magic number after it
+        return "a Python pickle not written by torch.save"
+    text = _text_start(head)
+    if text is not None:
+        return f"a text file (starting {text!r})"
+    return f"unrecognised data (first bytes {head[:8].hex(' ')})"
+
+
+def _check_zip(path: Path, size: int) -> None:
+    """A zip archive is a torch checkpoint where its directory reads and it holds a data.pkl but no TorchScript
+    constants.pkl (torch.load refuses a TorchScript archive with weights_only=True)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile as err:
+        raise CheckpointError(
+            f"checkpoint {path} is a truncated or corrupt torch file: a zip archive whose directory cannot be read "
+            f"({size} bytes; {err}); save or copy it again"
+        ) from None
+    if any(name.rpartition("/")[2] == "constants.pkl" for name in names):
+        raise CheckpointError(
+            f"checkpoint {path} is a TorchScript archive (torch.jit.save), not a state dict: {SAVE_HINT}"
+        )
+    if not any(name.rpartition("/")[2] == "data.pkl" for name in names):
+        shown = ", ".join(names[:SHOWN]) + (f" and {len(names) - SHOWN} more" if len(names) > SHOWN else "")
+        raise CheckpointError(
+            f"checkpoint {path} is a zip archive of {shown or 'nothing'} without torch's data.pkl, not a torch or "
+            f"safetensors file: {SAVE_HINT}"
+        )
+
+
+def _safetensors_header(head: bytes, size: int, path: Path) -> bool:
+    """Whether `head` opens a safetensors file (an 8-byte little-endian header length, then its JSON); a header
+    longer than the file is a truncated one."""
+    length = int.from_bytes(head[:8], "little")
+    if head[8:9] != b"{" or length > SAFETENSORS_MAX_HEADER:
+        return False
+    if 8 + length > size:
+        raise CheckpointError(
+            f"checkpoint {path} is a truncated safetensors file: its header alone is {length} bytes, the file "
+            f"{size}; save or copy it again"
+        )
+    return True
+
+
+def sniff(path: Path) -> str:
+    """The reader a file needs ('torch' or 'safetensors'), from its first bytes: a file of any other kind, empty,
+    or whose zip directory or safetensors header is cut short stops here with one line saying what it is."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(HEAD)
+    except OSError as err:
+        raise CheckpointError(f"checkpoint {path} cannot be read: {err.strerror or err}") from None
+    if head.startswith(ZIP_MAGIC):
+        _check_zip(path, size)
+        return "torch"
+    if head.startswith(LEGACY_MAGIC):
+        return "torch"
+    if _safetensors_header(head, size, path):
+        return "safetensors"
+    raise CheckpointError(f"checkpoint {path} is {_what(head)}, not a torch or safetensors file: {SAVE_HINT}")
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -37,36 +140,49 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 
     try:
         return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"checkpoint {path}: not a readable safetensors file: {_first_line(err)}") from None
+    except SafetensorError as err:
+        raise CheckpointError(
+            f"checkpoint {path} is a truncated or corrupt safetensors file ({_first_line(err)}); save or copy it again"
+        ) from None
 
 
 def _read_torch(path: Path) -> dict[str, Tensor]:
     try:
-        obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:  # a file object: torch.load would read a path named *.safetensors as one
+            obj: Any = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        needs = f"it needs {reason.group(1)}" if reason else _first_line(err)
+        # torch's message: "Weights only load failed. ... WeightsUnpickler error: <reason>\n\n<advice>"
+        reason = _first_line(str(err).rpartition("WeightsUnpickler error:")[2]) or _first_line(err)
+        code = re.search(r"GLOBAL (\S+)|allowlisted.*? got <class '([^']+)'>", str(err), flags=re.DOTALL)
+        if code is None:  # an opcode or a length the unpickler cannot take: the bytes are damaged
+            raise CheckpointError(
+                f"checkpoint {path} is a corrupt torch file: its pickle does not parse ({reason}); save or copy it "
+                "again"
+            ) from None
         raise CheckpointError(
-            f"checkpoint {path} refused: loading it would run code ({needs}; read with torch.load weights_only=True); "
-            "save a state dict (torch.save(model.state_dict(), path)) or a .safetensors file"
+            f"checkpoint {path} refused: loading it would run code (it needs {code.group(1) or code.group(2)}; "
+            f"read with torch.load weights_only=True); {SAVE_HINT}"
         ) from None
-    except (RuntimeError, OSError, EOFError) as err:
-        raise CheckpointError(f"checkpoint {path}: not a readable torch file: {_first_line(err)}") from None
+    except Exception as err:  # anything else torch.load meets in a file that opens like a checkpoint: damage
+        raise CheckpointError(
+            f"checkpoint {path} is a truncated or corrupt torch file "
+            f"({': '.join(filter(None, (type(err).__name__, _first_line(err))))}); save or copy it again"
+        ) from None
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]  # a training checkpoint ({"state_dict": ..., "epoch": ...})
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(
-            f"checkpoint {path}: expected a state dict (names -> tensors), found {type(obj).__name__}"
+            f"checkpoint {path} holds a {type(obj).__name__}, not a state dict (names -> tensors): {SAVE_HINT}"
         )
     return dict(obj)
 
 
-READERS: dict[str, Callable[[Path], dict[str, Tensor]]] = {".safetensors": _read_safetensors}
+READERS: dict[str, Callable[[Path], dict[str, Tensor]]] = {"torch": _read_torch, "safetensors": _read_safetensors}
 
 
 def read_state(path: Path) -> dict[str, Tensor]:
-    return READERS.get(path.suffix, _read_torch)(path)
+    """The state dict in `path`, read as what its first bytes say it is (a safetensors file named .pt loads)."""
+    return READERS[sniff(path)](path)
 
 
 def check_fits(state: Mapping[str, Tensor], model: nn.Module, path: Path) -> None:
@@ -110,7 +226,7 @@ def file_digest(path: Path) -> str:
 
 
 def checkpoint_paths(value: Any) -> list[Path]:
-    """The `checkpoints` key: null, or a list of at least two existing files."""
+    """The `checkpoints` key: null, or a list of at least two existing files that open like checkpoints."""
     if value is None:
         return []
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
@@ -121,6 +237,7 @@ def checkpoint_paths(value: Any) -> list[Path]:
     for path in paths:
         if not path.is_file():
             raise ConfigError(f"checkpoints: {path} is not a file")
+        sniff(path)  # a file that is no checkpoint at all stops the run before anything else
     return paths
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import hydra
 import torch
@@ -23,9 +25,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from mergebench.cache import content_key
-from mergebench.config import RunConfig, validate
+from mergebench.config import RunConfig, suggest, validate
 from mergebench.data.datasets import DATASETS, check_available
 from mergebench.errors import ConfigError
+from mergebench.interrupts import INTERRUPTED, JobInterrupted
 from mergebench.progress import console
 from mergebench.results import run_table
 from mergebench.run import Loaded, build_scenario, run
@@ -38,6 +41,14 @@ OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True) 
 # conf/hydra/launcher/*.yaml document the launcher plugins' options under the plugins' own names, so Hydra checks
 # them against the plugins' schemas (what we want) and warns that this matching is deprecated: not the user's concern.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/.*validated against ConfigStore schema")
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: object) -> str:
+    """Warnings (a traced op left unpermuted, the zoo's import shim) as one line, not Python's source excerpt."""
+    return f"warning: {message}\n"
+
+
+warnings.formatwarning = _one_line_warning
 # flags after which Hydra prints help or config instead of running: nothing to check
 PASSTHROUGH_FLAGS = {"-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion"}
 CONFIG_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir"}
@@ -45,27 +56,33 @@ CONFIG_FLAGS = {"-cp", "--config-path", "-cn", "--config-name", "-cd", "--config
 err_console = Console(stderr=True)
 
 
-def group_options(group: str) -> list[str] | None:
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else None
+# commands a launcher runs, by its class, and where they are: without them it fails after Hydra started, at length
+LAUNCHER_COMMANDS: dict[str, tuple[tuple[str, ...], str]] = {
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher": (
+        ("sbatch", "srun"),
+        "run the sweep on a SLURM login node, or try it here with hydra/launcher=submitit_local",
+    ),
+}
 
 
-def override_variants(args: list[str]) -> list[list[str]]:
-    """Every job of the sweep (the product of its sweep values): composing is cheap, so each job's config is
-    checked before the first one runs. An override that does not parse is named with how to quote it."""
+def override_variants(args: list[str]) -> tuple[list[list[str]], list[str]]:
+    """Every job of the sweep (the product of its sweep values), and the overrides that sweep: composing is cheap,
+    so each job's config is checked before the first one runs. An override that does not parse is named with how
+    to quote it."""
     parser = OverridesParser.create()
     for arg in args:
         try:
             parser.parse_overrides([arg])
         except HydraException as err:
             raise ConfigError(_parse_message(arg, err)) from None
-    fixed, sweeps = [], []
+    fixed, sweeps, swept = [], [], []
     for o in parser.parse_overrides(args):
         if o.is_sweep_override():
             sweeps.append([f"{o.input_line.split('=', 1)[0]}={v}" for v in o.sweep_string_iterator()])
+            swept.append(o.input_line)
         else:
             fixed.append(o.input_line)
-    return [fixed + list(choice) for choice in itertools.product(*sweeps)]
+    return [fixed + list(choice) for choice in itertools.product(*sweeps)], swept
 
 
 def _parse_message(arg: str, err: Exception) -> str:
@@ -84,23 +101,24 @@ LOADED: Loaded = {}
 
 def check_overrides(args: list[str], multirun: bool = False) -> None:
     """Compose and validate every job before Hydra launches anything; raise a one-line ConfigError."""
-    variants = override_variants(args)
+    variants, swept = override_variants(args)
+    if swept and not multirun:
+        raise ConfigError(f"{swept[0]} lists several values: add -m to run one job per value")
     loaded = LOADED
     scenarios: set[str] = set()
     for overrides in variants:
-        for item in overrides:
-            key, _, value = item.lstrip("+~").partition("=")
-            group = key.split("@")[0]
-            options = group_options(group) if "." not in group else None
-            if options is not None and value not in options and value != "null":
-                raise ConfigError(f"{group}={value!r} is not known; allowed: {', '.join(options)}")
         GlobalHydra.instance().clear()
         with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            check_groups(overrides)
             try:
                 cfg = compose("config", overrides=overrides, return_hydra_config=True)
             except (HydraException, OmegaConfBaseException) as err:
-                raise ConfigError(_compose_message(err)) from None
+                raise ConfigError(_compose_message(err, overrides)) from None
             output = Path(str(cfg.hydra.sweep.dir if multirun else cfg.hydra.run.dir))
+        if multirun:
+            check_launcher(cfg.hydra)
+        else:
+            check_single_job(cfg.hydra, overrides)
         with open_dict(cfg):
             del cfg["hydra"]
         run_cfg = validate(cfg)
@@ -113,6 +131,44 @@ def check_overrides(args: list[str], multirun: bool = False) -> None:
             scenarios.add(data_key)
             build_scenario(run_cfg, loaded)
     GlobalHydra.instance().clear()
+
+
+def check_groups(overrides: list[str]) -> None:
+    """Each `group=option` names an option on Hydra's search path: conf/, Hydra's own (hydra/launcher=basic) and
+    its plugins'. Called where Hydra is initialised."""
+    loader = GlobalHydra.instance().config_loader()
+    for item in overrides:
+        key, _, value = item.lstrip("+~").partition("=")
+        group = key.split("@")[0]
+        options = loader.get_group_options(group) if "." not in group else []  # [] for a plain key: seed=1
+        if options and value not in options and value != "null":
+            raise ConfigError(f"{group}={value!r} is not known; {suggest(value, options)}")
+
+
+def check_launcher(hydra_cfg: DictConfig) -> None:
+    """The commands the sweep's launcher submits through are on PATH (sbatch and srun for SLURM)."""
+    commands, advice = LAUNCHER_COMMANDS.get(hydra_cfg.launcher._target_, ((), ""))
+    missing = [c for c in commands if shutil.which(c) is None]
+    if missing:
+        choice = hydra_cfg.runtime.choices.get("hydra/launcher")
+        raise ConfigError(
+            f"hydra/launcher={choice} submits through {', '.join(commands)}; not found on PATH: {', '.join(missing)} "
+            f"({advice})"
+        )
+
+
+def check_single_job(hydra_cfg: DictConfig, overrides: list[str]) -> None:
+    """Without -m, Hydra runs one job of a preset that sweeps keys (hydra.sweeper.params) and says nothing: refuse,
+    unless each swept key is set on the command line, which asks for that one job."""
+    swept = [str(key) for key in hydra_cfg.sweeper.params or {}]
+    given = {item.lstrip("+~").partition("=")[0] for item in overrides}
+    unset = [key for key in swept if key.lstrip("+~") not in given]
+    if unset:
+        preset = hydra_cfg.runtime.choices.get("experiment")
+        source = f"experiment={preset}" if preset else "the config"
+        raise ConfigError(
+            f"{source} sweeps {', '.join(swept)}: add -m to run its jobs, or set {', '.join(unset)} to run one job"
+        )
 
 
 def check_device(name: str) -> None:
@@ -146,18 +202,36 @@ def check_data(run_cfg: RunConfig) -> None:
     others = getattr(run_cfg.split.params, "others", None) or []
     for name in others:
         if name not in DATASETS.names():
-            raise ConfigError(f"data.others={name!r} is not known; allowed: {', '.join(DATASETS.names())}")
+            raise ConfigError(f"data.others={name!r} is not known; {suggest(name, DATASETS.names())}")
     for name in [run_cfg.dataset.name, *others]:
         check_available(name, run_cfg.data.root, run_cfg.data.download)
 
 
-def _compose_message(err: Exception) -> str:
+def _compose_message(err: Exception, overrides: list[str]) -> str:
     text = f"{err}\n{err.__cause__ or ''}"
     head = text.strip().splitlines()[0]
     if "Could not override" in head and "not in struct" in text:
-        key = head.split("'")[1]
-        return f"{key} is not a known key (a typo? new keys need +{key}=...; see conf/ for the known ones)"
+        return _unknown_key(head.split("'")[1], overrides)
     return head
+
+
+def _unknown_key(key: str, overrides: list[str]) -> str:
+    """Name the keys that the config has where `key` is missing, the closest first (a typo). Called where Hydra
+    is initialised: composes the config without that override."""
+    others = [item for item in overrides if item.lstrip("+~").partition("=")[0] != key]
+    try:
+        node: Any = compose("config", overrides=others)
+    except (HydraException, OmegaConfBaseException):
+        return f"{key} is not a known key"
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            break
+        if part not in node:
+            template = ".".join([*parts[:depth], "{}", *parts[depth + 1 :]])
+            return f"{key} is not a known key; {suggest(part, sorted(str(k) for k in node), template)}"
+        node = node[part]
+    return f"{key} is not a known key"
 
 
 def _task(cfg: DictConfig) -> None:
@@ -167,8 +241,6 @@ def _task(cfg: DictConfig) -> None:
         df = run(run_cfg, out_dir, LOADED)
     except ConfigError as err:
         _fail(str(err), 2)
-    except KeyboardInterrupt:
-        _fail("interrupted: finished runs and cached models are kept; run the same command again to resume", 130)
     title = f"{run_cfg.name}: {run_cfg.dataset.name} {run_cfg.split.name} {run_cfg.model.name}"
     console.print(run_table(df, title))
     console.print(f"results: {out_dir / 'results.csv'}", highlight=False)
@@ -181,7 +253,15 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def main() -> None:
-    args = sys.argv[1:]
+    """Ctrl-C anywhere (the check, Hydra's launch, between or inside jobs) is one line and exit 130."""
+    try:
+        _main(sys.argv[1:])
+    except (KeyboardInterrupt, JobInterrupted):  # joblib hands over its worker's, which may come first
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not interrupt the goodbye
+        _fail(INTERRUPTED, 130)
+
+
+def _main(args: list[str]) -> None:
     flags = {a.split("=")[0] for a in args if a.startswith("-")}
     if not flags & (PASSTHROUGH_FLAGS | CONFIG_FLAGS):
         overrides = [a for a in args if not a.startswith("-")]
@@ -189,6 +269,4 @@ def main() -> None:
             check_overrides(overrides, multirun=bool(flags & {"-m", "--multirun"}))
         except ConfigError as err:
             _fail(str(err), 2)
-        except KeyboardInterrupt:
-            _fail("interrupted before any job started", 130)
     hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()

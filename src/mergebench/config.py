@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,6 +29,14 @@ from mergebench.models import MODELS, ModelBuilder
 from mergebench.registry import Component, Registry, to_dataclass
 
 T = TypeVar("T")
+
+
+def suggest(word: str, options: Sequence[str], template: str = "{}") -> str:
+    """The tail of an 'is not known' message: the closest option first when one is close, since a typo wants its fix
+    rather than a list to search, then all of them. `template` puts the match back in place ('train.{}')."""
+    close = difflib.get_close_matches(word, options, n=1)
+    hint = f"did you mean {template.format(close[0])}? " if close else ""
+    return f"{hint}allowed: {', '.join(options)}"
 
 
 @dataclasses.dataclass
@@ -56,13 +66,21 @@ class DatasetConfig:
     name: str = "digits"
     augment: bool | None = None
     normalize: str = "standard"  # standard = (x/255 - mean)/std | unit = x/255 (Git Re-Basin, YM)
+    channels: int | None = None  # images adapted to this many channels (gray repeated), for zoo models
+    size: int | None = None  # images resized to size × size (bilinear), for zoo models
 
     def check(self) -> None:
+        for key in ("channels", "size"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"dataset.{key}={value!r} must be a positive integer or null (the dataset's own)")
         if self.normalize not in NORMALIZE_MODES:
-            raise ConfigError(f"normalize={self.normalize!r} is not known; allowed: {', '.join(NORMALIZE_MODES)}")
+            raise ConfigError(f"normalize={self.normalize!r} is not known; {suggest(self.normalize, NORMALIZE_MODES)}")
 
 
 SCHEDULES = ("constant", "warmup_linear", "warmup_cosine")
+OPTIMIZERS = ("adam", "sgd")
+SELECT_ON = ("test", "val")
 
 
 @dataclasses.dataclass
@@ -99,10 +117,10 @@ class TrainConfig:
             raise ConfigError(f"weight_decay={self.weight_decay} must be >= 0")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum={self.momentum} must be in [0, 1)")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"optimizer={self.optimizer!r} is not known; allowed: adam, sgd")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r} is not known; {suggest(self.optimizer, OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule={self.schedule!r} is not known; allowed: {', '.join(SCHEDULES)}")
+            raise ConfigError(f"schedule={self.schedule!r} is not known; {suggest(self.schedule, SCHEDULES)}")
         if self.warmup_epochs < 0:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be >= 0")
         if self.warmup_max_fraction is not None and not 0 <= self.warmup_max_fraction <= 1:
@@ -128,7 +146,7 @@ class ReferencesConfig:
     def check(self) -> None:
         if self.coreset_report not in CORESET_REPORTS:
             raise ConfigError(
-                f"coreset_report={self.coreset_report!r} is not known; allowed: {', '.join(CORESET_REPORTS)}"
+                f"coreset_report={self.coreset_report!r} is not known; {suggest(self.coreset_report, CORESET_REPORTS)}"
             )
         if self.coreset_epochs is not None and self.coreset_epochs < 0:
             raise ConfigError(f"coreset_epochs={self.coreset_epochs} must be >= 0 or null (the base recipe's)")
@@ -273,7 +291,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         raw = apply_smoke(raw)
     for key in raw:
         if key not in TOP_LEVEL:
-            raise ConfigError(f"{key} is not a known key; allowed: {', '.join(sorted(TOP_LEVEL))}")
+            raise ConfigError(f"{key} is not a known key; {suggest(key, sorted(TOP_LEVEL))}")
     checkpoints = checkpoint_paths(raw.get("checkpoints"))
     if checkpoints:  # one model per file; the results cache keys on the files' content, not only their paths
         raw["data"] = {**_section(raw, "data"), "num_models": len(checkpoints)}
@@ -290,8 +308,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
 
     strategy = _component(STRATEGIES, {"name": "all_to_one", **_section(raw, "strategy")}, "strategy")
     select_on = str(raw.get("select_on", "val"))
-    if select_on not in ("val", "test"):
-        raise ConfigError(f"select_on={select_on!r} is not known; allowed: test, val")
+    if select_on not in SELECT_ON:
+        raise ConfigError(f"select_on={select_on!r} is not known; {suggest(select_on, SELECT_ON)}")
     device = str(raw.get("device", "auto"))
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
         raise ConfigError(f"device={device!r} is not known; allowed: auto, cpu, cuda, cuda:N, mps")

@@ -13,7 +13,11 @@ import time
 
 PAUSE_ENV = "MERGEBENCH_PAUSE_AT"
 MARKER = "MERGEBENCH_PAUSED"
-POINTS = ("run_start", "train_epoch", "merge")  # after the output folder exists; after an epoch, lock held; pre-merge
+# run_start: after the output folder exists; train_epoch: after an epoch, lock held; merge: before merging.
+# sweep_start: the multirun's main process, before the launcher starts any job; job_start / job_end: before a job's
+# task and after its results are written, in the process that runs the job: the main one under the basic launcher,
+# a worker under joblib (same stdout), a job process under submitit (its marker goes to the job's log).
+POINTS = ("run_start", "train_epoch", "merge", "sweep_start", "job_start", "job_end")
 _arrivals: collections.Counter[str] = collections.Counter()
 
 

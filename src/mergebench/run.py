@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from mergebench.cache import (
 from mergebench.checkpoints import load_models
 from mergebench.config import RunConfig, TrainConfig
 from mergebench.context import MergeContext
+from mergebench.data.adapt import adapt_inputs
 from mergebench.data.datasets import DatasetInfo, ImageData, load_dataset, with_normalize
 from mergebench.data.loader import Batches, to_device
 from mergebench.data.merge_data import MergeData, select_merge_data
@@ -63,10 +65,11 @@ def build_scenario(cfg: RunConfig, loaded: Loaded | None = None) -> Scenario:
 
     def load(name: str) -> tuple[DatasetInfo, ImageData, ImageData]:
         key = f"{name}|{cfg.data.root}|{cfg.data.train_limit}|{cfg.data.test_limit}|{cfg.data.split_seed}"
-        key += f"|{cfg.dataset.normalize}"
+        key += f"|{cfg.dataset.normalize}|{cfg.dataset.channels}|{cfg.dataset.size}"
         if key not in loaded:
             info, train, test = load_dataset(name, cfg.data.root, cfg.data.download, cfg.cache_dir / "data")
             info = with_normalize(info, cfg.dataset.normalize)  # dataset.normalize: in the inputs and the cache key
+            info, train, test = adapt_inputs(info, train, test, cfg.dataset.channels, cfg.dataset.size)
             train = _limit(train, cfg.data.train_limit, cfg.data.split_seed)
             loaded[key] = info, train, _limit(test, cfg.data.test_limit, 0)
         return loaded[key]
@@ -146,6 +149,30 @@ def run(cfg: RunConfig, out_dir: Path, loaded: Loaded | None = None) -> pd.DataF
     return df
 
 
+def check_model_input(build: Callable[[], torch.nn.Module], test: ImageData, info: DatasetInfo) -> None:
+    """Two test images through the architecture built on the meta device (shapes only, nothing initialised),
+    before anything trains or loads: a model built for other inputs (a zoo net on the 1×8×8 digits) stops here with
+    one line naming the keys that adapt the images, not with a traceback from inside its forward."""
+    x, _ = next(iter(Batches(test, torch.arange(min(2, len(test))), info, 2)))
+    try:
+        with torch.device("meta"):
+            logits = build().eval()(x.to("meta"))
+    except NotImplementedError:
+        return  # an op without a meta kernel: the first real forward is the check
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ConfigError(
+            f"the model does not take {info.name}'s inputs [N, {info.channels}, {info.size}, {info.size}] ({first}); "
+            "adapt the images with data.dataset.channels=<its input channels> and/or data.dataset.size=<pixels>, "
+            "or build it for them (model.kwargs)"
+        ) from None
+    if isinstance(logits, torch.Tensor) and logits.shape[-1] != info.num_classes:
+        raise ConfigError(
+            f"the model outputs {logits.shape[-1]} logits but {info.name} has {info.num_classes} classes; build it "
+            f"with {info.num_classes} outputs (e.g. model.kwargs={{num_classes:{info.num_classes}}})"
+        )
+
+
 def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.DataFrame:
     """The pipeline of one run, top to bottom: base models, references, merge, evaluation, rows."""
     device = resolve_device(cfg.device)
@@ -157,6 +184,8 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
 
     def build() -> torch.nn.Module:
         return cfg.model.factory(cfg.model.params, model_input).to(device)
+
+    check_model_input(lambda: cfg.model.factory(cfg.model.params, model_input), test, info)
 
     cache = ModelCache(cfg.cache_dir)
 

@@ -4,10 +4,12 @@ A spec says, for every parameter and buffer, which permutation group acts on eac
 output axis, the others are inputs), and which modules' outputs carry each group's units (probes, used by
 activation-based aligners and REPAIR). Every aligner returns one `Transform` per group it changes.
 
-An input axis can also be made of parts (`PermutationSpec.parts`): a Linear reading a flattened C×H×W map sees
+An axis can also be made of parts (`PermutationSpec.parts`): a Linear reading a flattened C×H×W map sees
 C blocks of H·W entries (one part, block H·W), a conv reading `cat([x, y], dim=1)` sees x's units then y's (two
-parts, two groups). Methods that score tensors read them through `plain_view`, which splits such axes into plain
-ones; `apply_transforms` moves every part with its group.
+parts, two groups), a Linear whose output is cut by `chunk` into q, k, v has one part per piece on its output axis,
+and a grouped conv's input axis is G parts that all name one group (one permutation applied inside every block).
+Methods that score tensors read them through `plain_view`, which splits such axes into plain ones;
+`apply_transforms` moves every part with its group.
 
 A core type: models state their spec, aligners, strategies and REPAIR read it, so it imports nothing of mergebench.
 """
@@ -82,8 +84,10 @@ class PermutationSpec:
 
     def plain_view(self, state: Mapping[str, Tensor]) -> tuple[PermutationSpec, dict[str, Tensor]]:
         """The spec and state with every axis made of parts split into plain tensors (`name#k` for part k, its
-        axis reshaped into units × block), so a method that scores Σ⟨A, π(B)⟩ tensor by tensor sees every entry
-        once on axes that each one group acts on. Tensors without parts are passed as they are."""
+        axis reshaped into units × block; one `#k` per axis with parts, the last axis's first), so a method that scores
+        Σ⟨A, π(B)⟩ tensor by tensor sees every entry once on axes that each one group acts on. Parts of one axis
+        that name the same group become several tensors of that group. Tensors without parts are passed as they
+        are."""
         if not self.parts:
             return self, dict(state)
         axes = {k: v for k, v in self.axes.items() if k not in self.parts}
@@ -91,14 +95,19 @@ class PermutationSpec:
         for name, by_axis in self.parts.items():
             if name not in state:
                 continue
-            (axis, parts), *more = by_axis.items()
-            if more:
-                raise ValueError(f"{name}: parts on more than one axis are not supported")
-            tensor, groups = state[name], self.axes[name]
-            for k, part in enumerate(parts):
-                piece = tensor.narrow(axis, part.offset, part.size)
-                out[f"{name}#{k}"] = piece.unflatten(axis, (part.units, part.block)).contiguous()
-                axes[f"{name}#{k}"] = (*groups[:axis], part.group, None, *groups[axis + 1 :])
+            pieces = {name: (state[name], self.axes[name])}
+            for axis in sorted(by_axis, reverse=True):  # from the last axis: a split never shifts one still to come
+                pieces = {
+                    f"{key}#{k}": (
+                        tensor.narrow(axis, part.offset, part.size).unflatten(axis, (part.units, part.block)),
+                        (*groups[:axis], part.group, None, *groups[axis + 1 :]),
+                    )
+                    for key, (tensor, groups) in pieces.items()
+                    for k, part in enumerate(by_axis[axis])
+                }
+            for key, (tensor, groups) in pieces.items():
+                out[key] = tensor.contiguous()
+                axes[key] = groups
         return PermutationSpec(axes=axes, probes=self.probes, probe_views=self.probe_views), out
 
 

@@ -146,9 +146,9 @@ def ot_fusion(
     transforms: dict[str, Transform] = {}
     total, sinkhorn = 0.0, []
     for group in spec.groups:
-        if stats is not None:
+        if stats is not None and group in stats:
             cost = activation_cost(stats[group])
-        else:
+        else:  # weights: asked for, or a group no module output holds alone (a segment of a wider axis)
             cost = weight_cost(plain, state_a, state_b, group, transforms)
         plan, progress = transport_plan(cost, solver, reg, max_iter)
         transforms[group] = plan_transform(plan)

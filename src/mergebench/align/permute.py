@@ -46,7 +46,7 @@ def correlation_matching(stats: dict[str, GroupStats]) -> tuple[dict[str, Tensor
         if unplaced.any():
             dead[group] = rows[unplaced]
         matched.append(corr[rows[~unplaced], cols[~unplaced]])
-    live = torch.cat(matched)
+    live = torch.cat(matched) if matched else torch.empty(0)
     return perms, dead, live.mean().item() if live.numel() else float("nan")
 
 

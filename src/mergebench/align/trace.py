@@ -4,12 +4,26 @@ Every tensor axis that may carry channels is a variable of a union-find; each op
 variables that must share one permutation (a Linear's input axis with its input's last axis, a residual `add`'s
 two operands, a norm's scale with the channels it normalises, …). The network's input and output axes, batch and
 spatial axes, and every axis an op this module does not know touches are joined to one FIXED variable: they stay
-unpermuted. The groups of the spec are the classes that hold at least one activation axis, are not FIXED and are
-wider than one unit. A wrong spec is worse than a small one, so anything not understood fixes its axes and is named
-in a warning with the user's source line. Shapes come from one pass on meta tensors (no arithmetic).
+unpermuted. A wrong spec is worse than a small one, so anything not understood fixes its axes and is named in a
+warning with the user's source line. Shapes come from one pass on meta tensors (no arithmetic).
 
-Probes (for activation-based aligners): for every conv/linear input, the nearest single-use module upstream whose
-output carries the group on dim 1 (pooling and repeated modules are looked through), e.g. the ReLU before it.
+A variable can also be *defined* as consecutive segments of others, each unit of a segment spread over `block`
+entries: `cat` along channels makes its output [x's units; y's units]; `chunk`/`split`/slicing cuts its input into
+fresh variables [first; second; …], one permutation per segment; a flatten of C×H×W gives C units of H·W entries; a
+grouped conv's input is G blocks moved by one shared permutation and its output G blocks each moved by its own.
+Joining two defined variables joins them entry by entry (cutting a segment where the other has a boundary), so a
+split, a concatenation and a residual add compose, and a parameter axis whose variable is defined becomes the spec's
+parts. Where two axes cannot be paired unit by unit their units are fixed, and the op is named in a warning.
+
+A view that cuts one axis into several (attention heads, a channel shuffle) or merges several makes that axis a
+Kronecker product of them: only one factor can stay permuted (no spec permutes a product of permutations), chosen
+once the whole graph is seen (the factor that keeps the most units, preferring the one that keeps a defined axis's
+segments whole), and a factor it had to leave unpermuted is named in a warning.
+
+The groups of the spec are the classes that hold at least one activation axis, are not FIXED, are not defined and
+are wider than one unit. Probes (for activation-based aligners): for every conv/linear input, the nearest single-use
+module upstream whose output carries the group plainly on dim 1 or the last dim (pooling and repeated modules are
+looked through), e.g. the ReLU before it; a group whose units only ever appear as segments of a wider axis has none.
 """
 
 from __future__ import annotations
@@ -36,30 +50,20 @@ from mergebench.spec import Part, PermutationSpec, ProbeView
 
 FIXED = 0
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
+Seg = tuple[int, int, int]  # (variable, units, block): `units` units of the variable, each over `block` entries
 
 
 class TraceError(ConfigError):
     """The model's forward cannot be traced symbolically (data-dependent control flow, unsupported Python)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Segmented:
-    """An axis made of parts, in order: (variable, units, block) = `units` units of the variable, each over `block`
-    contiguous entries. A flattened C×H×W map is one part (C, H·W); `cat` along channels gives one part per input."""
-
-    parts: tuple[tuple[int, int, int], ...]
-
-    @property
-    def variables(self) -> list[int]:
-        return [var for var, _, _ in self.parts]
-
-
-Dim = int | Segmented
-
-
 class _UnionFind:
+    """Axis variables; a root may be defined as consecutive segments of other variables (`defs`)."""
+
     def __init__(self) -> None:
         self.parent = [FIXED]
+        self.defs: dict[int, tuple[Seg, ...]] = {}
+        self.conflicts = 0  # pairings of units that could not be made (counted, so the op behind them is named)
 
     def new(self) -> int:
         self.parent.append(len(self.parent))
@@ -71,11 +75,125 @@ class _UnionFind:
             a = self.parent[a]
         return a
 
+    def define(self, segs: Sequence[Seg]) -> int:
+        """A variable made of `segs` in order (empty ones left out); a lone plain segment is its own variable, and
+        segments all fixed are FIXED."""
+        kept = tuple(s for s in segs if s[1] > 0)
+        if all(self.fixed(v) for v, _, _ in kept):
+            return FIXED
+        if len(kept) == 1 and kept[0][2] == 1:
+            return kept[0][0]
+        var = self.new()
+        self.defs[var] = kept
+        return var
+
+    def leaves(self, var: int, units: int, block: int = 1) -> list[Seg]:
+        """`units` units of `var`, each over `block` entries, as undefined roots in order (FIXED as single entries)."""
+        root = self.find(var)
+        if root == FIXED:
+            return [(FIXED, units * block, 1)]
+        if root not in self.defs:
+            return [(root, units, block)]
+        return [leaf for v, u, k in self.defs[root] for leaf in self.leaves(v, u, k * block)]
+
+    def leaf_roots(self, var: int) -> list[int]:
+        """The undefined roots `var` is made of, in order (repeated where a segment repeats)."""
+        root = self.find(var)
+        return [r for v, _, _ in self.defs[root] for r in self.leaf_roots(v)] if root in self.defs else [root]
+
+    def fixed(self, var: int) -> bool:
+        """Whether no unit of `var` can move (FIXED, or made of FIXED segments only)."""
+        return all(r == FIXED for r in self.leaf_roots(var))
+
+    def fix(self, var: int) -> None:
+        root = self.find(var)
+        if root != FIXED:
+            self.parent[root] = FIXED
+            for v, _, _ in self.defs.pop(root, ()):
+                self.fix(v)
+
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            low, high = sorted((ra, rb))  # FIXED (0) stays a root
-            self.parent[high] = low
+        if ra == rb:
+            return
+        if FIXED in (ra, rb):
+            self.fix(ra if rb == FIXED else rb)
+            return
+        if ra in self.leaf_roots(rb) or rb in self.leaf_roots(ra):  # one made of the other: no spec can say that
+            self.conflicts += 1
+            self.fix(ra)
+            self.fix(rb)
+            return
+        da, db = self.defs.pop(ra, None), self.defs.pop(rb, None)
+        low, high = sorted((ra, rb))  # FIXED (0) stays a root
+        self.parent[high] = low
+        if da is None or db is None:
+            if da or db:
+                self.defs[low] = da or db
+            return
+        self.defs[low] = da
+        self._align([leaf for s in da for leaf in self.leaves(*s)], [leaf for s in db for leaf in self.leaves(*s)])
+
+    def _align(self, xs: list[Seg], ys: list[Seg]) -> None:
+        """Join two expansions of one axis entry by entry, cutting a segment where the other has a boundary; a
+        unit of one side that holds several of the other's defines them as its blocks."""
+        xs, ys = xs[::-1], ys[::-1]  # stacks: the next segment last
+        while xs and ys:
+            x, y = self._next(xs), self._next(ys)
+            if x[2] > y[2]:
+                x, y, xs, ys = y, x, ys, xs  # x has the finer block
+            (a, ua, ka), (c, uc, kc) = x, y
+            size = min(ua * ka, uc * kc)
+            if kc % ka or size % kc or (a == c != FIXED and ka != kc):  # units that straddle each other
+                self.conflicts += 1
+                for stack, (v, u, k) in ((xs, x), (ys, y)):
+                    self.fix(v)
+                    if u * k > size:
+                        stack.append((FIXED, u * k - size, 1))
+                continue
+            first_a, first_c = self._take(xs, x, size // ka), self._take(ys, y, size // kc)
+            if FIXED in (a, c):
+                self.fix(first_a)
+                self.fix(first_c)
+            elif ka == kc:
+                self.union(first_a, first_c)
+            else:
+                self.defs[first_a] = ((first_c, size // kc, kc // ka),)
+        for stack in (xs, ys):
+            if stack:  # the two sides disagree on the axis's size: nothing can be paired
+                self.conflicts += 1
+                for v, _, _ in stack:
+                    self.fix(v)
+
+    def _next(self, stack: list[Seg]) -> Seg:
+        """The next leaf of a stack, re-expanded where its variable was cut or fixed since it was pushed."""
+        head, *rest = self.leaves(*stack.pop())
+        stack.extend(reversed(rest))
+        return head
+
+    def _take(self, stack: list[Seg], leaf: Seg, units: int) -> int:
+        """The variable of the first `units` units of `leaf`; the others are cut off as a new variable, pushed back."""
+        var, total, block = leaf
+        if units == total:
+            return var
+        rest = FIXED if var == FIXED else self.new()
+        stack.append((rest, total - units, block))
+        if var == FIXED:
+            return FIXED
+        first = self.new()
+        self.defs[var] = ((first, units, 1), (rest, total - units, 1))
+        return first
+
+
+@dataclasses.dataclass(frozen=True)
+class _Product:
+    """`var` = the Kronecker product of `factors` (outer to inner, `sizes` units each): an axis a view cut into
+    several, or made of several. One factor stays permuted, the others are fixed (`_Builder.resolve`)."""
+
+    var: int
+    factors: tuple[int, ...]
+    sizes: tuple[int, ...]
+    node: fx.Node
 
 
 @dataclasses.dataclass
@@ -90,17 +208,21 @@ class TracedSpec:
 
 
 class _Recorder(fx.Interpreter):
-    """Runs the traced graph once on the example input and keeps every node's output shape. With `meta`, every
-    tensor lives on the meta device (shapes without arithmetic: a big model costs what a small one does)."""
+    """Runs the traced graph once on the example input and keeps every node's output shape (and the shapes of the
+    tensors of a tuple it returns: `chunk`, `split`). With `meta`, every tensor lives on the meta device (shapes
+    without arithmetic: a big model costs what a small one does)."""
 
     def __init__(self, module: fx.GraphModule, meta: bool) -> None:
         super().__init__(module)
         self.meta = meta
         self.shapes: dict[fx.Node, Any] = {}
+        self.elements: dict[fx.Node, list[tuple[int, ...]]] = {}
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         self.shapes[n] = tuple(result.shape) if isinstance(result, Tensor) else None
+        if isinstance(result, (tuple, list)) and result and all(isinstance(t, Tensor) for t in result):
+            self.elements[n] = [tuple(t.shape) for t in result]
         return result
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -123,8 +245,8 @@ STACK_LINE = re.compile(r'File "([^"]+)", line (\d+), in \w+\n\s+(.*)')
 
 
 def _where(node: fx.Node) -> str:
-    """The user's source line that made `node` (file:line `code`), else the node's name."""
-    for path, line, code in STACK_LINE.findall(node.stack_trace or ""):
+    """The innermost line of the user's source that made `node` (file:line `code`), else the node's name."""
+    for path, line, code in reversed(STACK_LINE.findall(node.stack_trace or "")):
         if not path.startswith(TORCH_DIR):
             return f"{Path(path).name}:{line} `{code.strip()}`"
     return f"module {node.target}" if node.op == "call_module" else f"node {node.name}"
@@ -133,17 +255,19 @@ def _where(node: fx.Node) -> str:
 class _Builder:
     """Walks the graph once, joining axis variables op by op."""
 
-    def __init__(self, gm: fx.GraphModule, shapes: dict[fx.Node, Any], names: dict[int, str]) -> None:
+    def __init__(self, gm: fx.GraphModule, recorder: _Recorder, names: dict[int, str]) -> None:
         self.gm = gm
         self.uf = _UnionFind()
-        self.shapes = shapes
-        self.dims: dict[fx.Node, list[Dim] | None] = {}
+        self.shapes = recorder.shapes
+        self.element_shapes = recorder.elements
+        self.dims: dict[fx.Node, list[int] | None] = {}
+        self.elements: dict[fx.Node, list[list[int]]] = {}  # a tuple-returning op's (chunk, split) tensors' dims
         self.names = names  # id(tensor) -> its first state-dict name (tied weights share one)
         self.state_names = set(names.values()) | set(dict(gm.state_dict(keep_vars=True)))
         self.param_vars: dict[str, list[int]] = {}
-        self.param_parts: dict[int, Segmented] = {}  # a parameter axis's variable -> the parts it is made of
         self.probe_views: dict[str, ProbeView] = {}  # probe module -> where its output holds the units
         self.activation: set[int] = set()
+        self.products: list[_Product] = []
         self.modules = dict(gm.named_modules())
         self.calls: dict[str, int] = {}
         self.layer_inputs: list[tuple[fx.Node, int]] = []  # (input node of a conv/linear, its channel variable)
@@ -151,27 +275,23 @@ class _Builder:
         self.channels_last: list[tuple[str, int]] = []  # (layer, output variable) with units on the last of >2 dims
 
     # variables -------------------------------------------------------------------------------------------------
-    def fix(self, d: Dim | None) -> None:
-        if isinstance(d, Segmented):
-            for var in d.variables:
-                self.uf.union(var, FIXED)
-        elif d is not None:
-            self.uf.union(d, FIXED)
+    def fix(self, d: int) -> None:
+        self.uf.fix(d)
 
-    def join(self, a: Dim, b: Dim) -> None:
-        if isinstance(a, int) and isinstance(b, int):
-            self.uf.union(a, b)
-        elif a != b:  # an axis made of parts meets another axis: no spec can say that, keep both unpermuted
-            self.fix(a)
-            self.fix(b)
+    def join(self, a: int, b: int) -> None:
+        self.uf.union(a, b)
 
-    def bind(self, param_var: int, d: Dim) -> None:
-        """A parameter axis that reads (or scales) the activation axis `d`: joined, or made of `d`'s parts."""
-        if isinstance(d, Segmented):
-            self.uf.union(param_var, FIXED)
-            self.param_parts[param_var] = d
-        else:
-            self.uf.union(param_var, d)
+    def bind(self, param_var: int, d: int) -> None:
+        """A parameter axis that reads (or scales) the activation axis `d`: the same variable, segments and all."""
+        self.uf.union(param_var, d)
+
+    def segments(self, d: int, sizes: Sequence[int]) -> list[int]:
+        """The axis `d` cut into consecutive pieces of `sizes` units, each a variable of its own (FIXED if `d` is)."""
+        if self.uf.fixed(d):
+            return [FIXED] * len(sizes)
+        pieces = [self.uf.new() if n > 0 else FIXED for n in sizes]
+        self.join(d, self.uf.define([(p, n, 1) for p, n in zip(pieces, sizes)]))
+        return pieces
 
     def param(self, name: str) -> list[int]:
         """One variable per axis of a parameter or buffer, by its state-dict name (tied tensors share them)."""
@@ -194,12 +314,18 @@ class _Builder:
             if node.op == "call_module":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
         for node in self.gm.graph.nodes:
+            conflicts = self.uf.conflicts
             out = self.visit(node)
             self.dims[node] = out
-            for d in () if node.op == "get_attr" else out or ():
-                self.activation.update(d.variables if isinstance(d, Segmented) else [d])
+            if self.uf.conflicts > conflicts:
+                self.warn(node, "pairs axes whose units do not line up: those units stay unpermuted")
+            if node.op != "get_attr":
+                for dims in [out or [], *self.elements.get(node, [])]:
+                    self.activation.update(dims)
+        for product in reversed(self.products):  # downstream first: a factor a later view fixed is known fixed
+            self.resolve(product)
 
-    def visit(self, node: fx.Node) -> list[Dim] | None:
+    def visit(self, node: fx.Node) -> list[int] | None:
         shape = self.shapes.get(node)
         if node.op == "placeholder":
             return None if shape is None else [FIXED] * len(shape)
@@ -210,11 +336,13 @@ class _Builder:
             if node.target in self.state_names:
                 return list(self.param(node.target))
             return None if shape is None else [FIXED] * len(shape)
-        if all(self.dims.get(a) is None for a in node.all_input_nodes):
+        if not any(self.dims.get(a) is not None or a in self.elements for a in node.all_input_nodes):
             return None if shape is None else [FIXED] * len(shape)  # Python on shapes, or a new constant tensor
         if shape is None and _is_metadata(node):
             return None  # x.shape, x.size(): no channel flows on
-        rule, key = self._rule(node)
+        if node in self.element_shapes:
+            return self._visit_tuple(node)
+        rule, key = self._rule(node, MODULE_RULES, FUNCTION_RULES, METHOD_RULES)
         if rule is not None and shape is not None:
             try:
                 return rule(self, node)
@@ -224,7 +352,21 @@ class _Builder:
             self.warn(node, f"{key} is not a known op: its axes stay unpermuted")
         return self.unpermutable(node)  # unknown, or a known op that returned no single tensor here
 
-    def unpermutable(self, node: fx.Node) -> list[Dim] | None:
+    def _visit_tuple(self, node: fx.Node) -> None:
+        """An op that returns several tensors: their dims go to `elements`, for `getitem` to pick."""
+        rule, key = self._rule(node, {}, TUPLE_FUNCTION_RULES, TUPLE_METHOD_RULES)
+        if rule is None:
+            self.warn(node, f"{key} is not a known op: its axes stay unpermuted")
+        else:
+            try:
+                self.elements[node] = rule(self, node)
+                return None
+            except Exception as err:
+                self.warn(node, f"{key} could not be analysed ({type(err).__name__}: {err}): its axes stay unpermuted")
+        self.unpermutable(node)
+        return None
+
+    def unpermutable(self, node: fx.Node) -> list[int] | None:
         """An op whose channels cannot be followed: every input axis and the output stay unpermuted."""
         for a in node.all_input_nodes:
             self._fix_all(a)
@@ -233,20 +375,79 @@ class _Builder:
 
     def _fix_all(self, arg: Any) -> None:
         if _is_node(arg):
-            for d in self.dims.get(arg) or ():
-                self.fix(d)
+            for dims in [self.dims.get(arg) or [], *self.elements.get(arg, [])]:
+                for d in dims:
+                    self.fix(d)
 
-    def _rule(self, node: fx.Node) -> tuple[Callable[[_Builder, fx.Node], list[Dim]] | None, str]:
+    def _rule(
+        self, node: fx.Node, modules: dict[type, Any], functions: dict[Any, Any], methods: dict[str, Any]
+    ) -> tuple[Any, str]:
         if node.op == "call_module":
             module = self.modules[node.target]
             for cls in type(module).__mro__:
-                if cls in MODULE_RULES:
-                    return MODULE_RULES[cls], type(module).__name__
+                if cls in modules:
+                    return modules[cls], type(module).__name__
             return None, f"module {node.target} ({type(module).__name__})"
         if node.op == "call_method":
-            return METHOD_RULES.get(node.target), f"method .{node.target}()"
+            return methods.get(node.target), f"method .{node.target}()"
         name = getattr(node.target, "__name__", str(node.target))
-        return FUNCTION_RULES.get(node.target) or NAMED_FUNCTION_RULES.get(name), f"function {name}"
+        named = NAMED_FUNCTION_RULES.get(name) if functions is FUNCTION_RULES else None
+        return functions.get(node.target) or named, f"function {name}"
+
+    # views: Kronecker products, resolved once the graph is seen ---------------------------------------------------
+    def merged(self, node: fx.Node, ins: Sequence[tuple[int, int]]) -> int:
+        """The axis a view makes of the axes `ins` ((variable, size), outer to inner): each unit of the only permuted
+        one spread over the entries of the axes after it, or a product resolved later if several are permuted."""
+        free = [i for i, (d, _) in enumerate(ins) if not self.uf.fixed(d)]
+        sizes = [n for _, n in ins]
+        if not free:
+            return FIXED
+        if len(free) == 1:
+            p = free[0]
+            return self.uf.define([(ins[p][0], sizes[p], math.prod(sizes[p + 1 :]))] * math.prod(sizes[:p]))
+        var = self.uf.new()
+        self.products.append(_Product(var, tuple(d for d, _ in ins), tuple(sizes), node))
+        return var
+
+    def split(self, node: fx.Node, d: int, sizes: Sequence[int]) -> list[int]:
+        """The axes (of `sizes` units, outer to inner) a view cuts the axis `d` into: a product resolved later."""
+        if self.uf.fixed(d):
+            return [FIXED] * len(sizes)
+        factors = tuple(self.uf.new() for _ in sizes)
+        self.products.append(_Product(d, factors, tuple(sizes), node))
+        return list(factors)
+
+    def resolve(self, product: _Product) -> None:
+        """Keep one factor of a product permuted and fix the others: among those that still have free units, the
+        one that keeps a defined axis's segments whole, then the one with the most free units, then the innermost."""
+        uf, sizes = self.uf, product.sizes
+        free = [self._free_units(f, n) for f, n in zip(product.factors, sizes)]
+        if uf.fixed(product.var) or not any(free):
+            for var in (product.var, *product.factors):
+                uf.fix(var)
+            return
+        leaves = uf.leaves(product.var, math.prod(sizes))
+        p = max((i for i, n in enumerate(free) if n), key=lambda i: (_keeps_segments(leaves, sizes, i), free[i], i))
+        lost = [str(sizes[i]) for i, n in enumerate(free) if n and i != p]
+        for i, var in enumerate(product.factors):
+            if i != p:
+                uf.fix(var)
+        conflicts = uf.conflicts
+        inner = math.prod(sizes[p + 1 :])
+        uf.union(product.var, uf.define([(product.factors[p], sizes[p], inner)] * math.prod(sizes[:p])))
+        shape = "×".join(map(str, sizes))
+        if lost:
+            self.warn(
+                product.node,
+                f"view of an axis as {shape}: only the {sizes[p]}-unit factor stays permuted, the "
+                f"{', '.join(lost)}-unit {'one is' if len(lost) == 1 else 'ones are'} left unpermuted (a spec cannot "
+                "permute a product of axes)",
+            )
+        if uf.conflicts > conflicts:
+            self.warn(product.node, f"view of an axis as {shape} does not line up with its segments: units fixed")
+
+    def _free_units(self, var: int, units: int) -> int:
+        return sum(u for v, u, _ in self.uf.leaves(var, units) if v != FIXED and u > 1)
 
     # helpers for rules ------------------------------------------------------------------------------------------
     def arg(self, node: fx.Node, i: int, key: str, default: Any = None) -> Any:
@@ -254,28 +455,42 @@ class _Builder:
             return node.kwargs[key]
         return node.args[i] if len(node.args) > i else default
 
-    def tensor_dims(self, a: Any) -> list[Dim]:
+    def tensor_dims(self, a: Any) -> list[int]:
         return list(self.dims[a]) if _is_node(a) and self.dims.get(a) is not None else []
 
     def shape(self, a: Any) -> tuple[int, ...]:
         return self.shapes[a] if _is_node(a) and self.shapes.get(a) is not None else ()
 
 
+def _keeps_segments(leaves: Sequence[Seg], sizes: Sequence[int], p: int) -> bool:
+    """Whether keeping factor `p` of a product pairs every permuted segment of the axis whole with units of it: the
+    segment's block is a multiple of the factor's and it lies within one repetition of the factor."""
+    inner = math.prod(sizes[p + 1 :])
+    period, offset = sizes[p] * inner, 0
+    for var, units, block in leaves:
+        end = offset + units * block
+        if var != FIXED and units > 1 and (block % inner or offset // period != (end - 1) // period):
+            return False
+        offset = end
+    return True
+
+
 # ---- rules: each returns the output's dims ------------------------------------------------------------------------
-Rule = Callable[[_Builder, fx.Node], list[Dim]]
+Rule = Callable[[_Builder, fx.Node], list[int]]
+TupleRule = Callable[[_Builder, fx.Node], list[list[int]]]
 
 
-def _same(b: _Builder, node: fx.Node) -> list[Dim]:
+def _same(b: _Builder, node: fx.Node) -> list[int]:
     """Elementwise on one tensor (activations, dropout, softmax along any axis: all permutation-equivariant)."""
     return b.tensor_dims(node.args[0])
 
 
-def _broadcast(b: _Builder, node: fx.Node) -> list[Dim]:
+def _broadcast(b: _Builder, node: fx.Node) -> list[int]:
     """Elementwise on several tensors: right-aligned axes of equal size are one variable; an operand of size 1
     along an axis gives every unit the same value there, which any permutation keeps."""
     out_shape = b.shapes[node]
-    out: list[Dim] = [FIXED] * len(out_shape)
-    owner: list[Dim | None] = [None] * len(out_shape)
+    out: list[int] = [FIXED] * len(out_shape)
+    owner: list[int | None] = [None] * len(out_shape)
     for a in [*node.args, *node.kwargs.values()]:
         if not _is_node(a) or b.dims.get(a) is None:
             continue
@@ -295,13 +510,12 @@ def _broadcast(b: _Builder, node: fx.Node) -> list[Dim]:
     return out
 
 
-def _linear_core(b: _Builder, node: fx.Node, x: Any, weight: list[int], bias: list[int] | None) -> list[Dim]:
+def _linear_core(b: _Builder, node: fx.Node, x: Any, weight: list[int], bias: list[int] | None) -> list[int]:
     dims = b.tensor_dims(x)
-    last = dims[-1]
-    b.bind(weight[1], last)
-    b.layer_inputs.extend((x, var) for var in (last.variables if isinstance(last, Segmented) else [last]))
+    b.bind(weight[1], dims[-1])
+    b.layer_inputs.append((x, dims[-1]))
     if bias is not None:
-        b.uf.union(bias[0], weight[0])
+        b.join(bias[0], weight[0])
     if len(dims) > 2:
         b.channels_last.append((str(node.target) if node.op == "call_module" else node.name, weight[0]))
     return [*dims[:-1], weight[0]]
@@ -315,29 +529,35 @@ def _conv_core(
     w_shape: Sequence[int],
     bias: list[int] | None,
     groups: int,
-) -> list[Dim]:
+) -> list[int]:
+    """A conv. With G groups, output block g (C_out/G channels) reads input block g alone through the weight's
+    axis 1: every input block is moved by one shared permutation (the weight's axis 1 moves with it) and every
+    output block by its own. With one input channel per group (depthwise, or with a channel multiplier) the input
+    channels move freely and carry their output blocks along instead. The kernel mixes neighbouring positions, so
+    the input's spatial axes (free where a view made a map of a permuted axis) are fixed."""
     dims = b.tensor_dims(x)
     cin, out = dims[1], weight[0]
-    for k in weight[2:]:
-        b.uf.union(k, FIXED)
-    if groups == 1 and not (isinstance(cin, Segmented) and any(block != 1 for _, _, block in cin.parts)):
+    for k in (*weight[2:], *dims[2:]):
+        b.fix(k)
+    if groups == 1:
         b.bind(weight[1], cin)
-        b.layer_inputs.extend((x, var) for var in (cin.variables if isinstance(cin, Segmented) else [cin]))
-    elif groups == w_shape[0] == b.shape(x)[1] and w_shape[1] == 1:  # depthwise: unit i reads only channel i
-        b.uf.union(weight[1], FIXED)
-        b.join(cin, out)
+        b.layer_inputs.append((x, cin))
+    elif w_shape[1] == 1:
+        b.fix(weight[1])
+        b.join(out, b.uf.define([(cin, groups, w_shape[0] // groups)]))
         b.layer_inputs.append((x, cin))
     else:
-        b.uf.union(weight[1], FIXED)
-        b.fix(cin)
-        b.uf.union(out, FIXED)
-        b.warn(node, f"grouped conv ({groups} groups, not depthwise): its channels stay unpermuted")
+        shared = b.uf.new()
+        b.join(cin, b.uf.define([(shared, w_shape[1], 1)] * groups))
+        b.bind(weight[1], shared)
+        b.join(out, b.uf.define([(b.uf.new(), w_shape[0] // groups, 1) for _ in range(groups)]))
+        b.layer_inputs.append((x, shared))
     if bias is not None:
-        b.uf.union(bias[0], out)
+        b.join(bias[0], out)
     return [dims[0], out, *([FIXED] * (len(dims) - 2))]
 
 
-def _norm_core(b: _Builder, x: Any, per_channel: Sequence[list[int] | None], axes: Sequence[int]) -> list[Dim]:
+def _norm_core(b: _Builder, x: Any, per_channel: Sequence[list[int] | None], axes: Sequence[int]) -> list[int]:
     """Per-unit tensors (scale, shift, running stats) over the normalised axes `axes` of x."""
     dims = b.tensor_dims(x)
     for tensor in per_channel:
@@ -348,26 +568,26 @@ def _norm_core(b: _Builder, x: Any, per_channel: Sequence[list[int] | None], axe
     return dims
 
 
-def _module_linear(b: _Builder, node: fx.Node) -> list[Dim]:
+def _module_linear(b: _Builder, node: fx.Node) -> list[int]:
     t = node.target
     return _linear_core(b, node, node.args[0], b.module_param(t, "weight"), b.module_param(t, "bias"))
 
 
-def _module_conv(b: _Builder, node: fx.Node) -> list[Dim]:
+def _module_conv(b: _Builder, node: fx.Node) -> list[int]:
     t = node.target
     module = b.modules[t]
     weight, bias = b.module_param(t, "weight"), b.module_param(t, "bias")
     return _conv_core(b, node, node.args[0], weight, module.weight.shape, bias, module.groups)
 
 
-def _module_channel_norm(b: _Builder, node: fx.Node) -> list[Dim]:
+def _module_channel_norm(b: _Builder, node: fx.Node) -> list[int]:
     """BatchNorm / InstanceNorm: per-unit tensors on dim 1."""
     t = node.target
     tensors = [b.module_param(t, k) for k in ("weight", "bias", "running_mean", "running_var")]
     return _norm_core(b, node.args[0], tensors, [1])
 
 
-def _module_layer_norm(b: _Builder, node: fx.Node) -> list[Dim]:
+def _module_layer_norm(b: _Builder, node: fx.Node) -> list[int]:
     t = node.target
     k = len(b.modules[t].normalized_shape)
     ndim = len(b.shape(node.args[0]))
@@ -375,39 +595,49 @@ def _module_layer_norm(b: _Builder, node: fx.Node) -> list[Dim]:
     return _norm_core(b, node.args[0], tensors, list(range(ndim - k, ndim)))
 
 
-def _module_group_norm(b: _Builder, node: fx.Node) -> list[Dim]:
+def _group_norm_core(b: _Builder, x: Any, groups: int, per_channel: Sequence[list[int] | None]) -> list[int]:
+    """GroupNorm: each group of channels is normalised on its own, so each moves by its own permutation (one group,
+    or one channel per group, lets the channels move freely)."""
+    dims, channels = b.tensor_dims(x), b.shape(x)[1]
+    if 1 < groups < channels:
+        b.segments(dims[1], [channels // groups] * groups)
+    return _norm_core(b, x, per_channel, [1])
+
+
+def _module_group_norm(b: _Builder, node: fx.Node) -> list[int]:
     t = node.target
-    module = b.modules[t]
-    dims = _norm_core(b, node.args[0], [b.module_param(t, "weight"), b.module_param(t, "bias")], [1])
-    if module.num_groups not in (1, module.num_channels):
-        b.fix(dims[1])
-        b.warn(node, f"GroupNorm with {module.num_groups} groups: its channels stay unpermuted")
-    return dims
+    tensors = [b.module_param(t, "weight"), b.module_param(t, "bias")]
+    return _group_norm_core(b, node.args[0], b.modules[t].num_groups, tensors)
 
 
-def _module_prelu(b: _Builder, node: fx.Node) -> list[Dim]:
+def _module_prelu(b: _Builder, node: fx.Node) -> list[int]:
     dims = b.tensor_dims(node.args[0])
     weight = b.module_param(node.target, "weight")
     if b.modules[node.target].num_parameters > 1:
         b.join(weight[0], dims[1])
     else:
-        b.uf.union(weight[0], FIXED)
+        b.fix(weight[0])
     return dims
 
 
-def _pool(b: _Builder, node: fx.Node) -> list[Dim]:
-    """Pooling over the spatial axes: batch and channel axes pass, the spatial ones are new."""
+def _pool(b: _Builder, node: fx.Node) -> list[int]:
+    """Pooling over the spatial axes: batch and channel axes pass, the spatial ones are new (windows mix neighbouring
+    positions, so the input's are fixed)."""
     dims = b.tensor_dims(node.args[0])
+    for d in dims[2:]:
+        b.fix(d)
     return [*dims[:2], *([FIXED] * (len(b.shapes[node]) - 2))]
 
 
-def _reshape(b: _Builder, node: fx.Node) -> list[Dim]:
+def _reshape(b: _Builder, node: fx.Node) -> list[int]:
     """view/reshape/flatten/squeeze/…: match input and output axes by their sizes. An axis that only moves or
-    gains/loses size-1 neighbours keeps its variable; C merged with trailing unpermuted axes becomes C blocks of
-    H·W; the inverse split undoes that; any other split or merge of a channel axis fixes it (e.g. attention heads)."""
+    gains/loses size-1 neighbours keeps its variable; axes merged into one make it their product, one axis cut
+    into several is their product (`_Builder.merged`, `_Builder.split`: C×H×W flattened is C units of H·W entries,
+    attention heads H×d keep one of the two permuted); axes regrouped into others (2×6 → 3×4) are fixed, named in a
+    warning where they held permuted units."""
     src = next(a for a in node.all_input_nodes if b.dims.get(a) is not None)
     dims, shape, out_shape = b.tensor_dims(src), b.shape(src), b.shapes[node]
-    out: list[Dim] = []
+    out: list[int] = []
     i = j = 0
     while i < len(shape) or j < len(out_shape):
         bi, bj = [i], [j]
@@ -426,26 +656,16 @@ def _reshape(b: _Builder, node: fx.Node) -> list[Dim]:
         ins = [(dims[k], shape[k]) for k in bi if k < len(shape) and shape[k] != 1]
         outs = [k for k in bj if k < len(out_shape)]
         real_outs = [k for k in outs if out_shape[k] != 1]
-        result = {k: FIXED for k in outs}
+        result = dict.fromkeys(outs, FIXED)
         if len(ins) == 1 and len(real_outs) == 1:
             result[real_outs[0]] = ins[0][0]
         elif len(ins) > 1 and len(real_outs) == 1:
-            (head, size), rest = ins[0], [d for d, _ in ins[1:]]
-            block = math.prod(s for _, s in ins[1:])
-            if not all(isinstance(d, int) and b.uf.find(d) == FIXED for d in rest):
-                for d, _ in ins:
-                    b.fix(d)
-            elif isinstance(head, Segmented):
-                result[real_outs[0]] = Segmented(tuple((v, u, k * block) for v, u, k in head.parts))
-            else:
-                result[real_outs[0]] = head if b.uf.find(head) == FIXED else Segmented(((head, size, block),))
+            result[real_outs[0]] = b.merged(node, ins)
         elif len(ins) == 1 and len(real_outs) > 1:
-            d, size = ins[0]
-            if isinstance(d, Segmented) and len(d.parts) == 1 and d.parts[0][1] == out_shape[real_outs[0]]:
-                result[real_outs[0]] = d.parts[0][0]  # C blocks of H·W split back into C × H × W
-            else:
-                b.fix(d)
-        else:
+            result.update(zip(real_outs, b.split(node, ins[0][0], [out_shape[k] for k in real_outs])))
+        elif ins:
+            if not all(b.uf.fixed(d) for d, _ in ins):
+                b.warn(node, f"view regroups axes {[n for _, n in ins]} into others: their units stay unpermuted")
             for d, _ in ins:
                 b.fix(d)
         out.extend(result[k] for k in outs)
@@ -455,7 +675,7 @@ def _reshape(b: _Builder, node: fx.Node) -> list[Dim]:
 def _reorder(fn: Callable[..., Tensor]) -> Rule:
     """permute/transpose/movedim: find where each axis goes by applying the op to a tensor of distinct sizes."""
 
-    def rule(b: _Builder, node: fx.Node) -> list[Dim]:
+    def rule(b: _Builder, node: fx.Node) -> list[int]:
         dims = b.tensor_dims(node.args[0])
         probe = torch.empty(tuple(range(2, len(dims) + 2)), device="meta")
         moved = fn(probe, *node.args[1:], **node.kwargs)
@@ -464,14 +684,14 @@ def _reorder(fn: Callable[..., Tensor]) -> Rule:
     return rule
 
 
-def _expand(b: _Builder, node: fx.Node) -> list[Dim]:
+def _expand(b: _Builder, node: fx.Node) -> list[int]:
     """expand/expand_as: size-1 axes repeated (new, unpermuted); axes of unchanged size keep their variable."""
     dims, shape, out_shape = b.tensor_dims(node.args[0]), b.shape(node.args[0]), b.shapes[node]
     new = len(out_shape) - len(dims)
     return [FIXED] * new + [d if shape[i] == out_shape[new + i] else FIXED for i, d in enumerate(dims)]
 
 
-def _reduce(b: _Builder, node: fx.Node) -> list[Dim]:
+def _reduce(b: _Builder, node: fx.Node) -> list[int]:
     """mean/sum/amax over axes: a reduced axis disappears (a sum over units is permutation-invariant)."""
     dims = b.tensor_dims(node.args[0])
     axes = b.arg(node, 1, "dim")
@@ -482,8 +702,8 @@ def _reduce(b: _Builder, node: fx.Node) -> list[Dim]:
     return [FIXED if i in axes else d for i, d in enumerate(dims) if keep or i not in axes]
 
 
-def _cat(b: _Builder, node: fx.Node) -> list[Dim]:
-    """cat along an axis: the other axes are joined; the axis itself is made of the inputs' axes, as parts."""
+def _cat(b: _Builder, node: fx.Node) -> list[int]:
+    """cat along an axis: the other axes are joined; the axis itself is made of the inputs' axes, as segments."""
     parts = [p for p in b.arg(node, 0, "tensors") if _is_node(p)]
     axis = b.arg(node, 1, "dim", 0) % len(b.shapes[node])
     out = b.tensor_dims(parts[0])
@@ -491,16 +711,38 @@ def _cat(b: _Builder, node: fx.Node) -> list[Dim]:
         for i, d in enumerate(b.tensor_dims(p)):
             if i != axis:
                 b.join(out[i], d)
-    segments: list[tuple[int, int, int]] = []
-    for p in parts:
-        d, n = b.tensor_dims(p)[axis], b.shape(p)[axis]
-        segments.extend(d.parts if isinstance(d, Segmented) else [(d, n, 1)])
-    active = any(b.uf.find(var) != FIXED for var, _, _ in segments)
-    out[axis] = Segmented(tuple(segments)) if active else FIXED  # each input's units stay a part of the result
+    out[axis] = b.uf.define([(b.tensor_dims(p)[axis], b.shape(p)[axis], 1) for p in parts])
     return out
 
 
-def _matmul(b: _Builder, node: fx.Node) -> list[Dim]:
+def _split(dim_at: int) -> TupleRule:
+    """chunk/split/tensor_split/unbind along an axis: the axis is cut into consecutive segments, a variable each,
+    so each part may flow into its own consumer (like cat's inputs, in reverse); unbind's parts are single units."""
+
+    def rule(b: _Builder, node: fx.Node) -> list[list[int]]:
+        dims = b.tensor_dims(node.args[0])
+        axis = b.arg(node, dim_at, "dim", 0) % len(dims)
+        shapes = b.element_shapes[node]
+        if any(len(s) != len(dims) for s in shapes):  # unbind: the axis is gone, one unit per tensor
+            b.fix(dims[axis])
+            return [dims[:axis] + dims[axis + 1 :] for _ in shapes]
+        pieces = b.segments(dims[axis], [s[axis] for s in shapes])
+        return [[*dims[:axis], piece, *dims[axis + 1 :]] for piece in pieces]
+
+    return rule
+
+
+def _narrow(b: _Builder, node: fx.Node) -> list[int]:
+    """narrow(dim, start, length): one segment of the axis."""
+    dims, shape = b.tensor_dims(node.args[0]), b.shape(node.args[0])
+    axis = b.arg(node, 1, "dim") % len(dims)
+    start = b.arg(node, 2, "start") % shape[axis]
+    length = b.arg(node, 3, "length")
+    dims[axis] = b.segments(dims[axis], [start, length, shape[axis] - start - length])[1]
+    return dims
+
+
+def _matmul(b: _Builder, node: fx.Node) -> list[int]:
     x, y = node.args[0], node.args[1]
     dx, dy = b.tensor_dims(x), b.tensor_dims(y)
     if len(dx) < 2 or len(dy) < 2:
@@ -512,8 +754,8 @@ def _matmul(b: _Builder, node: fx.Node) -> list[Dim]:
     return [*batch, dx[-2], dy[-1]]
 
 
-def _broadcast_dims(b: _Builder, parts: list[tuple[list[Dim], tuple[int, ...]]], out_shape: Sequence[int]) -> list[Dim]:
-    out: list[Dim | None] = [None] * len(out_shape)
+def _broadcast_dims(b: _Builder, parts: list[tuple[list[int], tuple[int, ...]]], out_shape: Sequence[int]) -> list[int]:
+    out: list[int | None] = [None] * len(out_shape)
     for dims, shape in parts:
         offset = len(out_shape) - len(dims)
         for i, d in enumerate(dims):
@@ -525,9 +767,10 @@ def _broadcast_dims(b: _Builder, parts: list[tuple[list[Dim], tuple[int, ...]]],
     return [FIXED if d is None else d for d in out]
 
 
-def _getitem(b: _Builder, node: fx.Node) -> list[Dim]:
-    """Indexing a tensor: full slices keep an axis; any other index on a channel axis fixes it."""
-    dims = b.tensor_dims(node.args[0])
+def _getitem(b: _Builder, node: fx.Node) -> list[int]:
+    """Indexing a tensor: full slices keep an axis; a slice of step 1 is a segment of it; an integer keeps the units
+    around it; tensor indices and strided slices fix the axis."""
+    dims, shape = b.tensor_dims(node.args[0]), b.shape(node.args[0])
     index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
     if any(_is_node(i) or isinstance(i, (list, Tensor)) for i in index):
         for d in dims:
@@ -537,24 +780,35 @@ def _getitem(b: _Builder, node: fx.Node) -> list[Dim]:
         at = index.index(Ellipsis)
         fill = len(dims) - sum(1 for i in index if i is not None and i is not Ellipsis)
         index = (*index[:at], *([slice(None)] * fill), *index[at + 1 :])
-    out: list[Dim] = []
+    out: list[int] = []
     pos = 0
     for i in index:
         if i is None:
             out.append(FIXED)
             continue
-        if isinstance(i, slice) and i == slice(None):
-            out.append(dims[pos])
+        d, n = dims[pos], shape[pos]
+        if i == slice(None):
+            out.append(d)
+        elif isinstance(i, slice) and i.step in (None, 1):
+            start, stop, _ = i.indices(n)
+            stop = max(start, stop)
+            out.append(b.segments(d, [start, stop - start, n - stop])[1])
+        elif isinstance(i, int):
+            b.segments(d, [i % n, 1, n - i % n - 1])
         else:
-            b.fix(dims[pos])
-            if isinstance(i, slice):
-                out.append(FIXED)
+            b.fix(d)
+            out.append(FIXED)
         pos += 1
     return out + dims[pos:]
 
 
-def _tuple_getitem(b: _Builder, node: fx.Node) -> list[Dim]:
-    if b.dims.get(node.args[0]) is not None:
+def _tuple_getitem(b: _Builder, node: fx.Node) -> list[int]:
+    source, index = node.args
+    if source in b.elements:
+        if isinstance(index, int):
+            return list(b.elements[source][index])
+        return b.unpermutable(node)
+    if b.dims.get(source) is not None:
         return _getitem(b, node)
     return [FIXED] * len(b.shapes[node])  # an element of a tuple an unknown op returned (its inputs were fixed)
 
@@ -568,14 +822,14 @@ def _param_of(b: _Builder, a: Any) -> list[int] | None:
     return None
 
 
-def _f_linear(b: _Builder, node: fx.Node) -> list[Dim] | None:
+def _f_linear(b: _Builder, node: fx.Node) -> list[int] | None:
     weight = _param_of(b, b.arg(node, 1, "weight"))
     if weight is None:
         return b.unpermutable(node)
     return _linear_core(b, node, node.args[0], weight, _param_of(b, b.arg(node, 2, "bias")))
 
 
-def _f_conv(b: _Builder, node: fx.Node) -> list[Dim] | None:
+def _f_conv(b: _Builder, node: fx.Node) -> list[int] | None:
     weight = _param_of(b, b.arg(node, 1, "weight"))
     if weight is None:
         return b.unpermutable(node)
@@ -584,14 +838,19 @@ def _f_conv(b: _Builder, node: fx.Node) -> list[Dim] | None:
     return _conv_core(b, node, node.args[0], weight, w_shape, _param_of(b, b.arg(node, 2, "bias")), groups)
 
 
-def _f_layer_norm(b: _Builder, node: fx.Node) -> list[Dim]:
+def _f_layer_norm(b: _Builder, node: fx.Node) -> list[int]:
     ndim = len(b.shape(node.args[0]))
     k = len(b.arg(node, 1, "normalized_shape"))
     tensors = [_param_of(b, b.arg(node, 2, "weight")), _param_of(b, b.arg(node, 3, "bias"))]
     return _norm_core(b, node.args[0], tensors, list(range(ndim - k, ndim)))
 
 
-def _f_batch_norm(b: _Builder, node: fx.Node) -> list[Dim]:
+def _f_group_norm(b: _Builder, node: fx.Node) -> list[int]:
+    tensors = [_param_of(b, b.arg(node, 2, "weight")), _param_of(b, b.arg(node, 3, "bias"))]
+    return _group_norm_core(b, node.args[0], b.arg(node, 1, "num_groups"), tensors)
+
+
+def _f_batch_norm(b: _Builder, node: fx.Node) -> list[int]:
     keys = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
     return _norm_core(b, node.args[0], [_param_of(b, b.arg(node, i, k)) for i, k in keys], [1])
 
@@ -647,6 +906,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.amax: _reduce,
     torch.cat: _cat,
     torch.concat: _cat,
+    torch.narrow: _narrow,
     torch.matmul: _matmul,
     operator.matmul: _matmul,
     torch.bmm: _matmul,
@@ -656,6 +916,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.conv2d: _f_conv,
     F.conv3d: _f_conv,
     F.layer_norm: _f_layer_norm,
+    F.group_norm: _f_group_norm,
     F.batch_norm: _f_batch_norm,
     **dict.fromkeys((F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d), _pool),
 }
@@ -674,9 +935,23 @@ METHOD_RULES: dict[str, Rule] = {
     "mean": _reduce,
     "sum": _reduce,
     "amax": _reduce,
+    "narrow": _narrow,
     "matmul": _matmul,
     "expand": _expand,
     "expand_as": _expand,
+}
+# ops that return several tensors (their `dim` argument's position)
+TUPLE_FUNCTION_RULES: dict[Any, TupleRule] = {
+    torch.chunk: _split(2),
+    torch.split: _split(2),
+    torch.tensor_split: _split(2),
+    torch.unbind: _split(1),
+}
+TUPLE_METHOD_RULES: dict[str, TupleRule] = {
+    "chunk": _split(2),
+    "split": _split(2),
+    "tensor_split": _split(2),
+    "unbind": _split(1),
 }
 # functions of vision libraries that fx keeps whole (`torch.fx.wrap`), known by name so the core imports none of
 # them: torchvision's stochastic depth scales whole samples, so each keeps its input's axes
@@ -737,52 +1012,56 @@ def trace_spec(model: nn.Module, example: Tensor) -> TracedSpec:
     names: dict[int, str] = {}
     for name, tensor in state.items():
         names.setdefault(id(tensor), name)
-    builder = _Builder(gm, recorder.shapes, names)
+    builder = _Builder(gm, recorder, names)
     builder.run()
     spec, roots = _assemble(builder, state)
-    channels_last = [name for name, var in builder.channels_last if builder.uf.find(var) in roots]
+    channels_last = [name for name, var in builder.channels_last if roots & set(builder.uf.leaf_roots(var))]
     return TracedSpec(spec, builder.warnings, channels_last, time.perf_counter() - start)
 
 
 def _assemble(b: _Builder, state: dict[str, Tensor]) -> tuple[PermutationSpec, set[int]]:
-    """Classes with an activation axis, not FIXED, wider than one unit, become groups; each is named after the
-    module whose output axis it is (first in state-dict order), so names read like the hand-written ones."""
-    active = {b.uf.find(v) for v in b.activation} - {b.uf.find(FIXED)}
-    roots: dict[str, list[int | None]] = {}
-    for name, tensor in state.items():
-        variables = b.param_vars.get(b.names.get(id(tensor), name))
-        roots[name] = [
-            None if variables is None or tensor.shape[axis] == 1 or b.uf.find(variables[axis]) not in active
-            else b.uf.find(variables[axis])
-            for axis in range(tensor.dim())
-        ]  # fmt: skip
+    """Undefined classes with an activation axis, not FIXED, wider than one unit, become groups; each is named after
+    the module whose output axis holds it (first in state-dict order; `[start:stop]` where it is a segment of that
+    axis), so names read like the hand-written ones. A parameter axis whose variable is defined becomes parts."""
+    active = {r for v in b.activation for r in b.uf.leaf_roots(v)} - {FIXED}
+    leaves = _param_leaves(b, state)
     group_names: dict[int, str] = {}
+    labels: set[str] = set()
     for producer_only in (True, False):
-        for name, axis_roots in roots.items():
-            for axis, root in enumerate(axis_roots):
-                if root is None or root in group_names or (producer_only and axis != 0):
+        for name, per_axis in leaves.items():
+            for axis, segs in enumerate(per_axis):
+                if producer_only and axis != 0:
                     continue
-                label = name.rsplit(".", 1)[0] if axis == 0 and "." in name else f"{name}:{axis}"
-                while label in group_names.values():
-                    label += "'"
-                group_names[root] = label
-    axes = {name: tuple(None if r is None else group_names[r] for r in rs) for name, rs in roots.items()}
+                offset = 0
+                for var, units, block in segs:
+                    if var in active and units > 1 and var not in group_names:
+                        label = name.rsplit(".", 1)[0] if axis == 0 and "." in name else f"{name}:{axis}"
+                        label += f"[{offset}:{offset + units * block}]" if len(segs) > 1 else ""
+                        while label in labels:
+                            label += "'"
+                        group_names[var] = label
+                        labels.add(label)
+                    offset += units * block
+    axes: dict[str, tuple[str | None, ...]] = {}
     parts: dict[str, dict[int, tuple[Part, ...]]] = {}
-    for name, tensor in state.items():
-        for axis, var in enumerate(b.param_vars.get(b.names.get(id(tensor), name)) or ()):
-            if var in b.param_parts:
-                found = _parts(b, b.param_parts[var], group_names)
-                if any(p.group is not None for p in found):
-                    parts.setdefault(name, {})[axis] = found
+    for name, per_axis in leaves.items():
+        groups: list[str | None] = []
+        for axis, segs in enumerate(per_axis):
+            found = _parts(segs, group_names)
+            plain = len(found) == 1 and found[0].block == 1
+            groups.append(found[0].group if plain else None)
+            if not plain and any(p.group is not None for p in found):
+                parts.setdefault(name, {})[axis] = found
+        axes[name] = tuple(groups)
     probes: dict[str, list[str]] = {}
     for node, var in b.layer_inputs:
-        root = b.uf.find(var)
-        if root not in group_names:
-            continue
-        probe = _probe_for(b, node, root)
-        found = probes.setdefault(group_names[root], [])
-        if probe is not None and probe not in found:
-            found.append(probe)
+        for root in dict.fromkeys(b.uf.leaf_roots(var)):
+            if root not in group_names:
+                continue
+            probe = _probe_for(b, node, root)
+            found = probes.setdefault(group_names[root], [])
+            if probe is not None and probe not in found:
+                found.append(probe)
     unprobed = {root: name for root, name in group_names.items() if not probes.get(name)}
     for node in b.gm.graph.nodes:  # no layer input reachable: the last single-use module of each chain holding it
         for root, view in _held_groups(b, node).items():
@@ -795,12 +1074,39 @@ def _assemble(b: _Builder, state: dict[str, Tensor]) -> tuple[PermutationSpec, s
     return PermutationSpec(axes=axes, probes=probes_found, parts=parts, probe_views=views), set(group_names)
 
 
-def _parts(b: _Builder, d: Segmented, group_names: dict[int, str]) -> tuple[Part, ...]:
-    """A segmented axis as the spec's parts: each variable's group (None where it was fixed), at its offset."""
-    out, offset = [], 0
-    for var, units, block in d.parts:
-        group = group_names.get(b.uf.find(var)) if units > 1 else None
-        out.append(Part(group, offset, units, block))
+def _param_leaves(b: _Builder, state: dict[str, Tensor]) -> dict[str, list[list[Seg]]]:
+    """Every state tensor's axes as leaves (one FIXED segment for a tensor the graph never read). A variable whose
+    segments do not add up to its axis's size (a rule's mistake) is fixed and named in a warning, never turned into
+    a wrong spec."""
+    while True:
+        out: dict[str, list[list[Seg]]] = {}
+        for name, tensor in state.items():
+            variables = b.param_vars.get(b.names.get(id(tensor), name))
+            out[name] = [
+                [(FIXED, n, 1)] if variables is None else b.uf.leaves(variables[axis], n)
+                for axis, n in enumerate(tensor.shape)
+            ]
+            wrong = [ax for ax, segs in enumerate(out[name]) if sum(u * k for _, u, k in segs) != tensor.shape[ax]]
+            if wrong:
+                break
+        else:
+            return out
+        b.uf.fix(variables[wrong[0]])
+        b.warnings.append(f"{name} axis {wrong[0]}: its traced segments do not add up to its size: left unpermuted")
+
+
+def _parts(segs: Sequence[Seg], group_names: dict[int, str]) -> tuple[Part, ...]:
+    """An axis's leaves as the spec's parts: each group at its offset, runs of unpermuted entries as one part."""
+    out: list[Part] = []
+    offset = 0
+    for var, units, block in segs:
+        group = group_names.get(var) if units > 1 else None
+        if group is not None:
+            out.append(Part(group, offset, units, block))
+        elif out and out[-1].group is None:
+            out[-1] = Part(None, out[-1].offset, out[-1].units + units * block)
+        else:
+            out.append(Part(None, offset, units * block))
         offset += units * block
     return tuple(out)
 
@@ -808,16 +1114,14 @@ def _parts(b: _Builder, d: Segmented, group_names: dict[int, str]) -> tuple[Part
 def _held_groups(b: _Builder, node: fx.Node) -> dict[int, ProbeView]:
     """{group root: view} of the units a single-use module's output holds where activation statistics can read
     them: dim 1 (channels-first maps, [N, C] features) and the last dim (channels-last maps, tokens [N, T, D]),
-    with any other axis that holds a permuted group averaged out."""
+    with any other axis that holds a permuted group averaged out. An axis made of segments holds none plainly."""
     if node.op != "call_module" or b.calls[node.target] != 1 or isinstance(b.modules[node.target], LOOK_THROUGH):
         return {}
     dims = b.dims.get(node) or []
-    permuted = [
-        i for i, d in enumerate(dims) if i > 0 and (isinstance(d, Segmented) or b.uf.find(d) != b.uf.find(FIXED))
-    ]
+    permuted = [i for i, d in enumerate(dims) if i > 0 and not b.uf.fixed(d)]
     held: dict[int, ProbeView] = {}
     for axis in (1, len(dims) - 1) if len(dims) > 2 else (1,) if len(dims) == 2 else ():
-        if axis in permuted and isinstance(dims[axis], int):
+        if axis in permuted and b.uf.find(dims[axis]) not in b.uf.defs:
             view = ProbeView(axis if axis == 1 else -1, tuple(i - len(dims) for i in permuted if i != axis))
             held.setdefault(b.uf.find(dims[axis]), view)
     return held

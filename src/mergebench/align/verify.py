@@ -37,6 +37,7 @@ from mergebench.spec import PermutationSpec, Transform, apply_transforms
 TOLERANCE = 1e-8
 # where a model cannot run in float64 (an op without a float64 kernel), the float32 check's bound
 FLOAT32_TOLERANCE = 1e-4
+ROUNDING_MARGIN = 100
 MODES = ("eval", "train")
 # samples the check runs on: batch statistics need two, and every sample costs four forwards (a 32×32 image through
 # ResNet20×16 is ~0.3 s on one CPU thread), so a few: a misplaced unit shows in every sample where it is active
@@ -79,6 +80,7 @@ class CheckModel:
     x: Tensor
     tolerance: float
     random_off: tuple[str, ...] = ()
+    floor: float = 0.0  # an absolute bound below which a difference is rounding (measured, for the float64 copy)
 
     @property
     def dtype(self) -> str:
@@ -280,6 +282,11 @@ def verify_spec(
         exact = float64_copy(model, x, check.random_off)
         if exact is not None:
             rounding = {f"verify_float32_diff_{outcome.mode}": outcome.diff}
+            # float64 rounds 2^29 times finer than float32: the float32 difference so scaled (with a margin of
+            # 100) bounds what rounding can leave in float64, where a wrong axis still moves logits by ~1e-3
+            exact.floor = (
+                ROUNDING_MARGIN * outcome.diff * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
+            )
             check, outcome = exact, _compare(exact, spec, transforms, tolerance)
     if isinstance(outcome, Failure):
         raise SpecMismatchError(_blame(check, spec, transforms, outcome, model, x))
@@ -308,6 +315,7 @@ def _compare(
         scale = max(scale, reference.abs().max().item())
         max_diff[mode] = _diff(check.logits(mode, permuted), reference)
         limit = (check.tolerance if tolerance is None else tolerance) * max(reference.abs().max().item(), 1e-12)
+        limit = max(limit, check.floor)
         if max_diff[mode] > limit:
             return Failure(mode, max_diff[mode], limit, reference)
     return max_diff, scale

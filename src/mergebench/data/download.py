@@ -3,6 +3,7 @@ very layouts the readers in datasets.py expect. torchvision is imported lazily: 
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -38,11 +39,14 @@ FETCHERS: dict[str, Callable[[Any, Path], None]] = {
 
 
 def _torchvision_datasets() -> ModuleType | None:
+    """torchvision.datasets, imported the one way mergebench imports torchvision (mergebench.zoo); None where it
+    cannot be imported: then nothing downloads."""
+    from mergebench.zoo import ZooUnavailable, torchvision
+
     try:
-        import torchvision.datasets
-    except Exception:  # absent, or broken against this torch build: either way it cannot fetch
+        return importlib.import_module(torchvision().__name__ + ".datasets")
+    except (ZooUnavailable, ImportError):
         return None
-    return torchvision.datasets
 
 
 def can_download(name: str) -> str | None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mergebench.data.adapt import resize
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.errors import ConfigError
 from mergebench.registry import Registry
@@ -248,13 +249,6 @@ class CrossDatasetParams:
     size: int | None = None
 
 
-def _resize(x: Tensor, size: int) -> Tensor:
-    if x.shape[-1] == size:
-        return x
-    out = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return out.round().clamp(0, 255).to(torch.uint8)
-
-
 @SPLITS.register("cross_dataset", CrossDatasetParams)
 def split_cross_dataset(params: CrossDatasetParams, req: SplitRequest) -> Scenario:
     """Client 0 = data.dataset, client k = others[k-1], all resized to `size` (default: client 0's); label i
@@ -266,7 +260,7 @@ def split_cross_dataset(params: CrossDatasetParams, req: SplitRequest) -> Scenar
         )
     info, train, test = req.load(req.dataset)
     size = params.size or info.size
-    trains, tests = [ImageData(_resize(train.x, size), train.y)], [ImageData(_resize(test.x, size), test.y)]
+    trains, tests = [ImageData(resize(train.x, size), train.y)], [ImageData(resize(test.x, size), test.y)]
     for name in params.others:
         other, tr, te = req.load(name)
         if other.num_classes != info.num_classes or other.channels != info.channels:
@@ -274,8 +268,8 @@ def split_cross_dataset(params: CrossDatasetParams, req: SplitRequest) -> Scenar
                 f"data.others={name!r} has {other.num_classes} classes × {other.channels} channels;"
                 f" {info.name} has {info.num_classes} × {info.channels}"
             )
-        trains.append(ImageData(_resize(tr.x, size), tr.y))
-        tests.append(ImageData(_resize(te.x, size), te.y))
+        trains.append(ImageData(resize(tr.x, size), tr.y))
+        tests.append(ImageData(resize(te.x, size), te.y))
     pool = torch.cat([t.x for t in trains]).float() / 255
     mean = tuple(pool.mean(dim=(0, 2, 3)).tolist())
     std = tuple(pool.std(dim=(0, 2, 3)).tolist())

@@ -17,8 +17,13 @@ from typing import Any
 
 from torch import nn
 
+from mergebench import zoo
 from mergebench.errors import ConfigError
 from mergebench.models.registry import MODELS, ModelInput
+
+# zoo packages (`model.target=torchvision.models:resnet18`, `timm:create_model`) are imported the one way
+# mergebench imports them
+ZOO_PACKAGES: dict[str, Callable[[], object]] = {"torchvision": zoo.torchvision, "timm": zoo.timm}
 
 
 def load_factory(target: str) -> Callable[..., nn.Module]:
@@ -29,6 +34,9 @@ def load_factory(target: str) -> Callable[..., nn.Module]:
         raise ConfigError(f"target={target!r} must name a factory as package.module:Factory")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    zoo_import = ZOO_PACKAGES.get(module_name.split(".")[0])
+    if zoo_import is not None:
+        zoo_import()  # torchvision/timm through the zoo module: its CPU-torch shim, or one line saying why not
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
