@@ -180,7 +180,8 @@ def readme_example() -> str:
     """The README's Python API example (the section's other python block writes the checkpoints it loads)."""
     text = (REPO / "README.md").read_text()
     section = text.split("## Merging your own models", 1)[1].split("\n## ", 1)[0]
-    (code,) = [c for c in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL) if "mergebench.merge(" in c]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL)
+    (code,) = [c for c in blocks if "mergebench.merge(" in c and "b.safetensors" in c]
     return code
 
 

@@ -17,13 +17,14 @@ from typing import Any
 
 from torch import nn
 
-from mergebench import zoo
 from mergebench.errors import ConfigError
 from mergebench.models.registry import MODELS, ModelInput
+from mergebench.zoo import timm as zoo_timm
+from mergebench.zoo import torchvision as zoo_torchvision
 
 # zoo packages (`model.target=torchvision.models:resnet18`, `timm:create_model`) are imported the one way
 # mergebench imports them
-ZOO_PACKAGES: dict[str, Callable[[], object]] = {"torchvision": zoo.torchvision, "timm": zoo.timm}
+ZOO_PACKAGES: dict[str, Callable[[], object]] = {"torchvision": zoo_torchvision, "timm": zoo_timm}
 
 
 def load_factory(target: str) -> Callable[..., nn.Module]:
