@@ -330,3 +330,22 @@ def test_cca_searches_gamma_on_validation_data_of_a_bn_net() -> None:
     # the merge of A with a perfectly aligned copy of itself is A (statistics reset): the best γ is at least as good
     reference = evaluate_batches(mean_model([state, state], ctx), ctx.select_batches())
     assert diagnostics["select_top1"] >= reference["top1"]
+
+
+def test_dead_units_are_rematched_when_some_groups_have_no_activations() -> None:
+    """Groups without a probe (a segment of a wider output) get no correlation: the rematch of another group's dead
+    units holds them in place instead of failing on the missing key (timm regnety_002 with permute did)."""
+    model_a = build("mlp", {"hidden": [6, 6]}, 1, 8, "none")
+    spec = model_a.permutation_spec()
+    state_a = model_a.state_dict()
+    planted = random_permutations(spec, state_a, seed=1)
+    model_b = with_state(model_a, apply_transforms(state_a, spec, planted))
+    first, second = spec.groups[:2]
+    truth = {g: torch.argsort(planted[g].perm) for g in (first, second)}
+    found = rematch_by_weights(
+        spec, parameters(model_a), parameters(model_b), {second: truth[second].flip(0)}, {second: torch.arange(6)}
+    )
+    assert set(found) == {second}
+    with_first = {first: truth[first], second: truth[second].flip(0)}
+    fixed = rematch_by_weights(spec, parameters(model_a), parameters(model_b), with_first, {second: torch.arange(6)})
+    assert torch.equal(fixed[second], truth[second]) and torch.equal(fixed[first], truth[first])

@@ -527,10 +527,12 @@ def rematch_by_weights(
     units: Mapping[str, Tensor],
 ) -> dict[str, Tensor]:
     """`perms` with, per group, A's `units` rematched among the B units they hold by weight matching's cost (the
-    other groups at `perms`): for units another method could not place (dead on the merge data)."""
+    other groups at `perms`, a group `perms` lacks in place): for units another method could not place (dead on the
+    merge data). Returns the groups of `perms`."""
     (plain, state_a), (_, state_b) = spec.plain_view(state_a), spec.plain_view(state_b)
     problem = _Problem(plain, state_a, state_b)
-    current = {g: perms[g].to(problem.device) for g in problem.groups}
+    current = {g: perms[g] if g in perms else torch.arange(problem.sizes[g]) for g in problem.groups}
+    current = {g: p.to(problem.device) for g, p in current.items()}
     versions = {g: problem.new_version() for g in problem.groups}
     out = dict(current)
     for group, rows in units.items():
@@ -541,7 +543,7 @@ def rematch_by_weights(
         cost = problem.cost(group, current, versions, settled=False)[rows][:, held]
         out[group] = current[group].clone()
         out[group][rows] = held[_assign(cost)]
-    return {g: p.cpu() for g, p in out.items()}
+    return {g: out[g].cpu() if g in out else p for g, p in perms.items()}
 
 
 def parameters(model: nn.Module) -> dict[str, Tensor]:
