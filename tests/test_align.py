@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import mergebench
 from mergebench.align import ALIGNERS
 from mergebench.align.activations import activation_stats
 from mergebench.align.cca import CCAMaps, CCAParams
@@ -103,16 +104,22 @@ def test_planted_permutations_are_recovered(name: str, params: dict, channels: i
     torch.testing.assert_close(logits(aligned, x), logits(model_a, x), rtol=1e-5, atol=1e-5)
 
     # activation matching: exact on every unit the data can tell apart; a dead unit (zero on all data, in A and in
-    # B alike) is matched to a dead unit by correlation, and to its own planted copy once rematched by weights
+    # B alike) is matched to a dead unit by correlation, and, like a tied one, to its own planted copy once
+    # rematched by weights
     stats = activation_stats(spec, model_a, model_b, [(x[:40], None), (x[40:], None)])
-    found, dead, mean_corr = correlation_matching(stats)
+    match = correlation_matching(stats)
+    found, dead, mean_corr = match.perms, match.dead, match.mean_corr
     alive = {g: ~s.dead_a for g, s in stats.items()}
-    assert recovered(found, planted, alive) == 1.0
+    untied = {
+        g: a.clone().index_fill_(0, match.tied.get(g, torch.empty(0, dtype=torch.long)), False)
+        for g, a in alive.items()
+    }
+    assert recovered(found, planted, untied) == 1.0
     for g, s in stats.items():
         assert (~s.dead_b[found[g]]).equal(alive[g])
         assert torch.equal(dead.get(g, torch.empty(0, dtype=torch.long)), torch.nonzero(~alive[g]).flatten())
     assert mean_corr > 0.5
-    found = rematch_by_weights(spec, parameters(model_a), parameters(model_b), found, dead)
+    found = rematch_by_weights(spec, parameters(model_a), parameters(model_b), found, match.unplaced())
     assert recovered(found, planted) == 1.0
     aligned = with_state(model_a, apply_transforms(model_b.state_dict(), spec, as_transforms(found)))
     torch.testing.assert_close(logits(aligned, x), logits(model_a, x), rtol=1e-5, atol=1e-5)
@@ -122,7 +129,7 @@ def test_planted_permutations_are_recovered(name: str, params: dict, channels: i
     perms, _ = weight_matching(spec, state_a, state_b, seed=0)
     assert recovered(perms, planted) >= 0.95
     stats = activation_stats(spec, model_a, with_state(model_a, state_b), [(x, None)])
-    found, _, _ = correlation_matching(stats)
+    found = correlation_matching(stats).perms
     assert recovered(found, planted, alive) >= 0.95
 
 
@@ -349,3 +356,25 @@ def test_dead_units_are_rematched_when_some_groups_have_no_activations() -> None
     with_first = {first: truth[first], second: truth[second].flip(0)}
     fixed = rematch_by_weights(spec, parameters(model_a), parameters(model_b), with_first, {second: torch.arange(6)})
     assert torch.equal(fixed[second], truth[second]) and torch.equal(fixed[first], truth[first])
+
+
+def test_units_the_data_cannot_tell_apart_are_placed_by_weights() -> None:
+    """Eight hidden units each active on one and the same sample correlate 1 with one another (the ResNets' last
+    stage on a few small inputs): the data cannot place them, so permute must not trust the tie but rematch them
+    by weights, and merges the planted copy back to the very same weights."""
+    model = build("mlp", {"hidden": [8]}, 1, 2, "none")
+    with torch.no_grad():  # unit i: relu(c_i·x0 - x1), positive only on the sample (1, 0, ., .)
+        model.layers[0].weight.copy_(torch.tensor([[0.5 + i / 8, -1.0, 0.0, 0.0] for i in range(8)]))
+        model.layers[0].bias.zero_()
+    x = torch.cat([torch.tensor([[1.0, 0, 0, 0]]), (torch.rand(31, 4) + 0.1) * torch.tensor([0.0, 1, 1, 1])])
+    x = x.reshape(32, 1, 2, 2)
+    spec = model.permutation_spec()
+    planted = random_permutations(spec, model.state_dict(), seed=3)
+    model_b = with_state(model, apply_transforms(model.state_dict(), spec, planted))
+
+    match = correlation_matching(activation_stats(spec, model, model_b, [(x, None)]))
+    assert not match.dead and torch.equal(match.tied["h0"], torch.arange(8))
+    merged, diagnostics = mergebench.merge([model, model_b], align="permute", agg="avg", data=(x, torch.zeros(32)))
+    assert diagnostics["align_tied_units"] == 8
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[key], tensor, rtol=0, atol=1e-6, msg=key)

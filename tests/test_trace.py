@@ -23,7 +23,7 @@ from mergebench.align.verify import (
 from mergebench.align.weight_matching import weight_matching
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
-from mergebench.spec import Part, PermutationSpec, Transform, apply_transforms, random_permutations
+from mergebench.spec import Part, PermutationSpec, ProbeView, Transform, apply_transforms, random_permutations
 from tests import user_models
 
 BUILT_IN = [
@@ -45,19 +45,25 @@ USER = {
     "regnet_style": (user_models.RegNetStyle, {"width": 8}),
     "gated_transformer_style": (user_models.GatedTransformerStyle, {"width": 8}),
 }
-# every group; activation statistics reach all of them (channels-last maps and tokens through `probe_axes`) but
-# those whose units only ever appear as segments of a wider axis (EXPECTED_UNPROBED: the heads' shared inner
-# permutation, a grouped conv's blocks, chunk's pieces, the channel shuffle's halves)
+# every group; activation statistics reach all of them: channels-last maps and tokens through their probe views,
+# groups that only appear as segments of a wider axis (the heads' shared inner permutation, a grouped conv's
+# blocks, chunk's pieces, the channel shuffle's halves) through segment probes `module[start:stop]`
 EXPECTED_GROUPS = {
     **{"resnet18_style": 12, "mobilenetv2_style": 9, "convnext_style": 6, "mixer_style": 5, "vit_style": 5},
     **{"vgg_flatten_style": 3, "densenet_style": 5, "shufflenet_style": 10, "regnet_style": 35},
     "gated_transformer_style": 7,
 }
-EXPECTED_UNPROBED = {"vit_style": 2, "shufflenet_style": 4, "regnet_style": 28, "gated_transformer_style": 6}
+SEGMENT_PROBES = {
+    "vit_style": 2,
+    "densenet_style": 7,
+    "shufflenet_style": 8,
+    "regnet_style": 28,
+    "gated_transformer_style": 6,
+}
 # views that cut an axis into two permuted ones (heads × dims, the shuffle's 2 × C/2) keep one: one warning each
 EXPECTED_WARNINGS = {"vit_style": 2, "shufflenet_style": 4, "gated_transformer_style": 2}
 # groups whose probes read the units on the last axis (channels-last maps, tokens)
-EXPECTED_LAST_AXIS = {"convnext_style": 6, "mixer_style": 5, "vit_style": 3, "gated_transformer_style": 1}
+EXPECTED_LAST_AXIS = {"convnext_style": 6, "mixer_style": 5, "vit_style": 5, "gated_transformer_style": 7}
 
 
 def build_builtin(name: str, params: dict, channels: int, size: int, norm: str) -> nn.Module:
@@ -114,9 +120,14 @@ def test_random_permutation_of_traced_spec_keeps_function(arch: str) -> None:
     assert len(traced.warnings) == EXPECTED_WARNINGS.get(arch, 0)
     assert all("only the" in line and "factor stays permuted" in line for line in traced.warnings)
     assert len(traced.spec.groups) == EXPECTED_GROUPS[arch]
-    assert set(traced.spec.probes) <= set(traced.spec.groups)
-    assert len(traced.spec.groups) - len(traced.spec.probes) == EXPECTED_UNPROBED.get(arch, 0)
-    last = {g for g, probes in traced.spec.probes.items() if any(p in traced.spec.probe_views for p in probes)}
+    assert set(traced.spec.probes) == set(traced.spec.groups)
+    views = [traced.spec.probe_views.get(p, ProbeView()) for found in traced.spec.probes.values() for p in found]
+    assert sum(view.segment is not None for view in views) == SEGMENT_PROBES.get(arch, 0)
+    last = {
+        g
+        for g, found in traced.spec.probes.items()
+        if any(traced.spec.probe_views.get(p, ProbeView()).axis != 1 for p in found)
+    }
     assert len(last) == EXPECTED_LAST_AXIS.get(arch, 0)
     check = verify_spec(model, traced.spec, x, seed=3)
     assert check.groups == EXPECTED_GROUPS[arch]
@@ -125,19 +136,14 @@ def test_random_permutation_of_traced_spec_keeps_function(arch: str) -> None:
     assert any(not torch.equal(v, moved[k]) for k, v in model.state_dict().items())
 
 
-def planted(
-    arch: str, probed_only: bool = False
-) -> tuple[nn.Module, nn.Module, PermutationSpec, torch.Tensor, dict[str, Transform]]:
-    """Model A, and model B = A under a random permutation of its traced spec (no noise): of every group, or of the
-    groups with a probe only (the ones activation statistics can see)."""
+def planted(arch: str) -> tuple[nn.Module, nn.Module, PermutationSpec, torch.Tensor, dict[str, Transform]]:
+    """Model A, and model B = A under a random permutation of every group of its traced spec (no noise)."""
     torch.manual_seed(1)
     cls, kwargs = USER[arch]
     x = torch.randn(64, 3, 8, 8)
     model_a = warmed(cls(**kwargs), x)
     spec = trace_spec(model_a, x).spec
     plant = random_permutations(spec, model_a.state_dict(), seed=7)
-    if probed_only:
-        plant = {g: t for g, t in plant.items() if g in spec.probes}
     model_b = cls(**kwargs).eval()
     model_b.load_state_dict(apply_transforms(model_a.state_dict(), spec, plant))
     return model_a, model_b, spec, x, plant
@@ -158,11 +164,13 @@ def test_weight_matching_recovers_planted_permutation(arch: str) -> None:
 
 
 @pytest.mark.parametrize("arch", list(USER))
-def test_permute_recovers_planted_permutation_of_every_probed_group(arch: str) -> None:
-    """Groups without a probe are planted nothing here: activation matching leaves them as they are."""
-    model_a, model_b, spec, x, plant = planted(arch, probed_only=True)
+def test_permute_recovers_planted_permutation_of_every_group(arch: str) -> None:
+    """Every group has a probe (segment probes for segments of a wider axis), so activation matching alone places
+    every unit."""
+    model_a, model_b, spec, x, plant = planted(arch)
     stats = activation_stats(spec, model_a, model_b, [(x * 2 + 1, None)])  # the data the BatchNorms were warmed on
-    found, dead, _ = correlation_matching(stats)
+    match = correlation_matching(stats)
+    found, dead = match.perms, match.dead
     assert set(found) == set(spec.probes) and not dead
     for group, perm in found.items():  # plant[i] = A's unit at B's position i, so B's unit inverse[i] is A's i
         assert torch.equal(perm, torch.argsort(plant[group].perm)), group
@@ -334,8 +342,8 @@ def test_merging_a_planted_copy_gives_model_a_back(arch: str, method: str) -> No
     """Through `mergebench.merge` (traced spec, verification, aligner or strategy, average): B = A under a random
     permutation merges back into A's function, for methods reading weights, activations on dim 1 or channels-last
     (probe views), and through axes made of parts (flatten, cat, chunk, grouped convs). Methods reading
-    activations see the groups with a probe only, so only those are planted for them."""
-    model_a, model_b, _, x, _ = planted(arch, probed_only=method in ("permute", "zipit"))
+    activations read segments of an axis through segment probes."""
+    model_a, model_b, _, x, _ = planted(arch)
     data = (x * 2 + 1, torch.randint(0, 10, (len(x),)))
     options = {
         "zipit": {"align": "zipit", "align_params": {"alpha": 0.3, "beta": 0.0}},

@@ -46,6 +46,14 @@ class ProbeView:
 
     axis: int = 1
     pooled: tuple[int, ...] = ()
+    # units [start, stop) of that axis, where the group is a segment of it (a grouped conv's block, a chunk); such a
+    # probe is named `module[start:stop]`, so one module can probe each of its segments
+    segment: tuple[int, int] | None = None
+
+
+def probe_module(probe: str) -> str:
+    """The module a probe reads: the probe's name, but for a segment probe `module[start:stop]`."""
+    return probe.partition("[")[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +62,7 @@ class PermutationSpec:
     probes: dict[str, tuple[str, ...]]
     # tensor name -> {axis: its parts}; such an axis is None in `axes`
     parts: dict[str, dict[int, tuple[Part, ...]]] = dataclasses.field(default_factory=dict)
-    # probe module -> how its output holds the units, where not simply on dim 1
+    # probe -> how its module's output holds the units, where not simply on dim 1
     probe_views: dict[str, ProbeView] = dataclasses.field(default_factory=dict)
 
     @property

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from mergebench.spec import PermutationSpec, ProbeView
+from mergebench.spec import PermutationSpec, ProbeView, probe_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +80,8 @@ def channel_first(output: Tensor, view: ProbeView = CHANNELS_FIRST) -> Tensor:
     output = output.detach()
     if view.pooled:
         output = output.mean(dim=view.pooled, keepdim=True)
-    return output.movedim(view.axis, 0)
+    output = output.movedim(view.axis, 0)
+    return output if view.segment is None else output[view.segment[0] : view.segment[1]]
 
 
 class StackedMoments:
@@ -170,7 +171,8 @@ def stacked_moments(
         for group, acc in accumulators.items():
             for probe in spec.probes[group]:
                 view = spec.probe_views.get(probe, CHANNELS_FIRST)
-                handles.append(modules[probe].register_forward_hook(_units_to(acc.outputs[k].append, view)))
+                hook = _units_to(acc.outputs[k].append, view)
+                handles.append(modules[probe_module(probe)].register_forward_hook(hook))
     modes = [model.training for model in models]
     try:
         for model in models:

@@ -2,9 +2,10 @@
 
 All groups come from one streamed pass of both models (the REPAIR notebooks' layer-by-layer prefix passes
 cost O(L²) forwards; this costs one), then one linear assignment per group. Units dead on the merge data (no
-variance: a ReLU never active, a squeeze-excite gate saturated) correlate with nothing; the pairs the assignment
-made of them are rematched by their weights (weight matching's cost, the other groups as the activations placed
-them), and counted in the diagnostics (`dead_units`).
+variance: a ReLU never active, a squeeze-excite gate saturated) correlate with nothing, and units the data cannot
+tell apart (a block of units each active on the same single sample correlates 1 throughout) tie; the pairs the
+assignment made of either are rematched by their weights (weight matching's cost, the other groups as the
+activations placed them), and counted in the diagnostics (`dead_units`, `tied_units`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,47 @@ class PermuteParams:
             raise ConfigError(f"batch_size={self.batch_size} must be a positive integer or null (eval batch size)")
 
 
-def correlation_matching(stats: dict[str, GroupStats]) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
-    """The permutation per group maximising the summed correlation of matched units (`perm[i]` = B's unit
-    matched to A's unit i), A's units per group whose pair has a dead side, and the mean correlation of the
+# two candidates whose correlations with a unit differ by no more than this are ones the data cannot tell apart
+# (units active on the same single sample correlate 1 with each other; float32 rounding moves that by ~1e-6)
+TIE = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrelationMatch:
+    """Per group: `perms[g][i]` = B's unit matched to A's unit i; A's units whose pair has a dead side (`dead`) or
+    whose match the data cannot tell from another (`tied`), both for weights to place; the mean correlation of the
     pairs of live units."""
-    perms, dead, matched = {}, {}, []
+
+    perms: dict[str, Tensor]
+    dead: dict[str, Tensor]
+    tied: dict[str, Tensor]
+    mean_corr: float
+
+    def unplaced(self) -> dict[str, Tensor]:
+        """A's units per group that the correlation did not place, dead or tied."""
+        groups = self.dead.keys() | self.tied.keys()
+        empty = torch.empty(0, dtype=torch.long)
+        return {g: torch.cat([self.dead.get(g, empty), self.tied.get(g, empty)]).unique() for g in sorted(groups)}
+
+
+def tied_units(corr: Tensor, cols: Tensor, live_a: Tensor, live_b: Tensor) -> Tensor:
+    """A's live units (rows, matched to `cols`) with another live candidate within TIE of their match's
+    correlation, closed over the rows holding those candidates, so that a rematch among their held units unties
+    them."""
+    rows = torch.arange(len(cols))
+    near = ((corr - corr[rows, cols][:, None]).abs() <= TIE) & live_a[:, None] & live_b[None, :]
+    near[rows, cols] = False
+    tied = near.any(1)
+    while True:
+        grown = tied | near[tied].any(0)[cols]
+        if torch.equal(grown, tied):
+            return torch.nonzero(tied).flatten()
+        tied = grown
+
+
+def correlation_matching(stats: dict[str, GroupStats]) -> CorrelationMatch:
+    """The permutation per group maximising the summed correlation of matched units."""
+    perms, dead, tied, matched = {}, {}, {}, []
     for group, s in stats.items():
         corr = s.correlation().cpu()
         rows, cols = (torch.from_numpy(i) for i in linear_sum_assignment(corr.numpy(), maximize=True))
@@ -45,22 +82,27 @@ def correlation_matching(stats: dict[str, GroupStats]) -> tuple[dict[str, Tensor
         unplaced = s.dead_a.cpu()[rows] | s.dead_b.cpu()[cols]
         if unplaced.any():
             dead[group] = rows[unplaced]
+        ties = tied_units(corr, cols, ~s.dead_a.cpu(), ~s.dead_b.cpu())
+        if ties.numel():
+            tied[group] = ties
         matched.append(corr[rows[~unplaced], cols[~unplaced]])
     live = torch.cat(matched) if matched else torch.empty(0)
-    return perms, dead, live.mean().item() if live.numel() else float("nan")
+    return CorrelationMatch(perms, dead, tied, live.mean().item() if live.numel() else float("nan"))
 
 
 @ALIGNERS.register("permute", PermuteParams, label="Permute", abbrev="P")
 def align_permute(params: PermuteParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
     start = time.perf_counter()
     batches = ctx.fit_batches(batch_size=params.batch_size or ctx.eval_batch_size)
-    perms, dead, mean_corr = correlation_matching(activation_stats(ctx.spec, ref, other, batches))
-    if dead:
-        perms = rematch_by_weights(ctx.spec, parameters(ref), parameters(other), perms, dead)
+    match = correlation_matching(activation_stats(ctx.spec, ref, other, batches))
+    perms, unplaced = match.perms, match.unplaced()
+    if unplaced:
+        perms = rematch_by_weights(ctx.spec, parameters(ref), parameters(other), perms, unplaced)
     diagnostics = {
-        "mean_corr": mean_corr,
-        "dead_units": sum(d.numel() for d in dead.values()),
-        "dead_by_group": {g: d.numel() for g, d in dead.items()},
+        "mean_corr": match.mean_corr,
+        "dead_units": sum(d.numel() for d in match.dead.values()),
+        "dead_by_group": {g: d.numel() for g, d in match.dead.items()},
+        "tied_units": sum(t.numel() for t in match.tied.values()),
         "seconds": time.perf_counter() - start,
     }
     return Alignment({g: Transform.permutation(p) for g, p in perms.items()}, diagnostics)

@@ -265,7 +265,7 @@ class _Builder:
         self.names = names  # id(tensor) -> its first state-dict name (tied weights share one)
         self.state_names = set(names.values()) | set(dict(gm.state_dict(keep_vars=True)))
         self.param_vars: dict[str, list[int]] = {}
-        self.probe_views: dict[str, ProbeView] = {}  # probe module -> where its output holds the units
+        self.probe_views: dict[str, ProbeView] = {}  # probe -> where its module's output holds the units
         self.activation: set[int] = set()
         self.products: list[_Product] = []
         self.modules = dict(gm.named_modules())
@@ -1064,10 +1064,10 @@ def _assemble(b: _Builder, state: dict[str, Tensor]) -> tuple[PermutationSpec, s
                 found.append(probe)
     unprobed = {root: name for root, name in group_names.items() if not probes.get(name)}
     for node in b.gm.graph.nodes:  # no layer input reachable: the last single-use module of each chain holding it
-        for root, view in _held_groups(b, node).items():
+        for root, (name, view) in _held_groups(b, node).items():
             if root in unprobed and not any(root in _held_groups(b, user) for user in node.users):
-                probes.setdefault(unprobed[root], []).append(node.target)
-                b.probe_views[node.target] = view
+                probes.setdefault(unprobed[root], []).append(name)
+                b.probe_views[name] = view
     probes_found = {g: tuple(p) for g, p in probes.items() if p}
     used = {p for found in probes_found.values() for p in found}
     views = {p: view for p, view in b.probe_views.items() if p in used and view != ProbeView()}
@@ -1111,31 +1111,43 @@ def _parts(segs: Sequence[Seg], group_names: dict[int, str]) -> tuple[Part, ...]
     return tuple(out)
 
 
-def _held_groups(b: _Builder, node: fx.Node) -> dict[int, ProbeView]:
-    """{group root: view} of the units a single-use module's output holds where activation statistics can read
-    them: dim 1 (channels-first maps, [N, C] features) and the last dim (channels-last maps, tokens [N, T, D]),
-    with any other axis that holds a permuted group averaged out. An axis made of segments holds none plainly."""
+def _held_groups(b: _Builder, node: fx.Node) -> dict[int, tuple[str, ProbeView]]:
+    """{group root: (probe name, view)} of the units a single-use module's output holds where activation statistics
+    can read them: dim 1 (channels-first maps, [N, C] features) and the last dim (channels-last maps, tokens
+    [N, T, D]), with any other axis that holds a permuted group averaged out; a group that is a segment of such an
+    axis (a grouped conv's block, a chunk) is read from its slice by a probe `module[start:stop]`."""
     if node.op != "call_module" or b.calls[node.target] != 1 or isinstance(b.modules[node.target], LOOK_THROUGH):
         return {}
-    dims = b.dims.get(node) or []
+    dims, shape = b.dims.get(node) or [], b.shape(node)
     permuted = [i for i, d in enumerate(dims) if i > 0 and not b.uf.fixed(d)]
-    held: dict[int, ProbeView] = {}
+    held: dict[int, tuple[str, ProbeView]] = {}
     for axis in (1, len(dims) - 1) if len(dims) > 2 else (1,) if len(dims) == 2 else ():
-        if axis in permuted and b.uf.find(dims[axis]) not in b.uf.defs:
-            view = ProbeView(axis if axis == 1 else -1, tuple(i - len(dims) for i in permuted if i != axis))
-            held.setdefault(b.uf.find(dims[axis]), view)
+        if axis not in permuted:
+            continue
+        at, pooled = axis if axis == 1 else -1, tuple(i - len(dims) for i in permuted if i != axis)
+        leaves = b.uf.leaves(dims[axis], shape[axis])
+        offset = 0
+        for var, units, block in leaves:
+            if var != FIXED and block == 1:
+                if len(leaves) == 1:
+                    held.setdefault(var, (node.target, ProbeView(at, pooled)))
+                else:
+                    view = ProbeView(at, pooled, (offset, offset + units))
+                    held.setdefault(var, (f"{node.target}[{offset}:{offset + units}]", view))
+            offset += units * block
     return held
 
 
 def _probe_for(b: _Builder, node: fx.Node, root: int) -> str | None:
     """The nearest single-use module upstream of `node` (through one-input ops and pooling) whose output holds the
-    group `root` (its axis noted in `probe_axes`), where activation statistics read units; None where a residual
+    group `root` (its view noted in `probe_views`), where activation statistics read units; None where a residual
     add comes first."""
     while True:
         held = _held_groups(b, node)
         if root in held:
-            b.probe_views[node.target] = held[root]
-            return node.target
+            name, view = held[root]
+            b.probe_views[name] = view
+            return name
         inputs = [a for a in node.all_input_nodes if b.dims.get(a) is not None and a.op != "get_attr"]
         if len(inputs) != 1:
             return None

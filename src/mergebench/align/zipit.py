@@ -49,7 +49,7 @@ from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
 from mergebench.merge.avg import mean_model
-from mergebench.spec import PermutationSpec, Transform, apply_transforms
+from mergebench.spec import PermutationSpec, Transform, apply_transforms, probe_module
 
 
 @dataclasses.dataclass
@@ -243,7 +243,7 @@ def find_cut(spec: PermutationSpec, model: nn.Module, x: Tensor, stop_at: str) -
     are those of `x`: nothing else from before it reaches the output."""
     events: list[str] = []
     modules = dict(model.named_modules())
-    probed = {p for probes in spec.probes.values() for p in probes}
+    probed = {probe_module(p) for probes in spec.probes.values() for p in probes}
     handles = [modules[p].register_forward_hook(functools.partial(_note_call, events, p)) for p in sorted(probed)]
     mode = model.training
     model.eval()
@@ -252,7 +252,8 @@ def find_cut(spec: PermutationSpec, model: nn.Module, x: Tensor, stop_at: str) -
     finally:
         for handle in handles:
             handle.remove()
-    fired = {g: [i for i, e in enumerate(events) if e in probes] for g, probes in spec.probes.items()}
+    modules_of = {g: {probe_module(p) for p in probes} for g, probes in spec.probes.items()}
+    fired = {g: [i for i, e in enumerate(events) if e in found] for g, found in modules_of.items()}
     last = {g: calls[-1] for g, calls in fired.items() if calls}
 
     def cut_after(group: str) -> Cut:
