@@ -10,14 +10,16 @@ STAMP   := $(VENV)/.installed
 setup: $(STAMP)
 
 # On machines without CUDA install the CPU torch wheel first: a bare `torch` requirement pulls GBs of CUDA. The zoo
-# extra (torchvision, timm) is pinned to the torch installed, or pip would replace it by a CUDA build.
+# extra (torchvision, timm) is pinned to the torch installed, or pip would replace it by a CUDA build. The editable
+# install runs with -qq: pip >= 25 echoes setuptools' informational "Editable installation" notice for this layout
+# (package-dir maps mergebench.conf to conf/); errors still print.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q torch; \
 	else $(BIN)/pip install -q $(TORCH); fi
 	$(BIN)/python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > $(VENV)/torch-pin.txt
-	$(BIN)/pip install -q -c $(VENV)/torch-pin.txt -e '.[dev,zoo]'
+	$(BIN)/pip install -qq -c $(VENV)/torch-pin.txt -e '.[dev,zoo]'
 	touch $(STAMP)
 
 demo: setup
