@@ -26,13 +26,13 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from mergebench.align.trace import trace_spec
-from mergebench.align.verify import VERIFY_BATCH, verification_input, verify_spec
 from mergebench.align.weight_matching import weight_matching
 from mergebench.bench_record import write_record
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
 from mergebench.spec import Transform, apply_transforms, random_permutations
+from mergebench.spec.trace import trace_spec
+from mergebench.spec.verify import VERIFY_BATCH, verification_input, verify_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests import user_models  # the repository's test architectures

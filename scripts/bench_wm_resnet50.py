@@ -36,8 +36,8 @@ from rich.table import Table
 from torch import Tensor, nn
 
 from mergebench.align import weight_matching as wm
-from mergebench.align.trace import trace_spec
 from mergebench.bench_record import write_record
+from mergebench.spec.trace import trace_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "d19e55e"  # the last commit with per-tensor cost shares summed in float64 at every step, scipy's LAP

@@ -20,10 +20,10 @@ from mergebench.data.datasets import load_dataset
 from mergebench.data.loader import Batches
 from mergebench.data.merge_data import MergeData
 from mergebench.evaluate import evaluate_batches
-from mergebench.merge.avg import mean_model
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
 from mergebench.spec import apply_transforms
+from mergebench.weights import mean_model
 from tests.conftest import SHARED_DATA
 
 MERGEBENCH = str(Path(sys.executable).parent / "mergebench")

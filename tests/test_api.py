@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import mergebench
-from mergebench.align.trace import model_spec
-from mergebench.align.verify import moving_permutations
 from mergebench.errors import ConfigError
 from mergebench.spec import apply_transforms
+from mergebench.spec.trace import model_spec
+from mergebench.spec.verify import moving_permutations
 from tests.user_models import ResNet18Style
 
 ALLOWED = r"pass data=\(inputs, labels\), a DataLoader or an iterable of \(inputs, labels\) batches"

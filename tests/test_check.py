@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mergebench.align.trace import trace_spec
-from mergebench.align.verify import SpecMismatchError, verify_spec
 from mergebench.spec import PermutationSpec
+from mergebench.spec.trace import trace_spec
+from mergebench.spec.verify import SpecMismatchError, verify_spec
 
 
 def conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:

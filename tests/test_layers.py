@@ -25,6 +25,7 @@ LAYERS = {
     "mergebench.data": 1,
     "mergebench.context": 1,
     "mergebench.evaluate": 1,
+    "mergebench.weights": 1,
     "mergebench.align.registry": 2,
     "mergebench.merge.registry": 2,
     "mergebench.models.registry": 2,
@@ -82,3 +83,18 @@ def test_importing_the_models_loads_no_aligner_merge_method_or_dataset() -> None
         "mergebench.models",
         "mergebench.models.registry",
     }
+
+
+def test_aligners_import_no_merge_method_and_specs_no_plugin() -> None:
+    """Within the plugin layer, merge methods may use aligners (strategies align, then aggregate) but not the other
+    way round; the shared weight helpers sit below both (`mergebench.weights`). The spec package (trace, check)
+    imports no plugin, so an aligner lookup does not load the tracer."""
+    wrong = []
+    for path in sorted(SRC.rglob("*.py")):
+        name = module_name(path)
+        for target in imported(ast.parse(path.read_text())):
+            if name.startswith("mergebench.align") and target.startswith("mergebench.merge"):
+                wrong.append(f"{name} imports {target}")
+            if name.startswith("mergebench.spec") and layer(target) > 0:
+                wrong.append(f"{name} imports {target}")
+    assert not wrong, "\n".join(wrong)

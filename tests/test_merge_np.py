@@ -22,10 +22,10 @@ from mergebench.merge import AGGREGATORS, REPAIRS
 from mergebench.merge.avg import AvgParams, aggregate_avg
 from mergebench.merge.finetune import FinetuneParams, aggregate_finetune
 from mergebench.merge.np_merge import NPParams, ParameterBlend, aggregate_np
-from mergebench.merge.reset_bn import reset_bn
 from mergebench.merge.strategies import Methods, all_to_one
 from mergebench.models import MODELS, ModelInput
 from mergebench.spec import apply_transforms, random_permutations
+from mergebench.weights import reset_bn
 from tests.digits_pair import DigitsPair, digits_context, digits_models
 
 

@@ -114,7 +114,7 @@ def test_accuracy_vs_angle_with_paper_points() -> None:
 
 def test_write_plots_writes_only_applicable_pngs(tmp_path: Path) -> None:
     rows = pd.concat([curve_rows(), angle_rows()])
-    paths = write_plots(rows, tmp_path, paper_values("ym_table1"), "ym_table1")
+    paths = write_plots(rows, tmp_path, paper_values("ym_table1"))
     assert sorted(p.name for p in paths) == ["accuracy_vs_angle.png", "interpolation.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

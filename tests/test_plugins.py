@@ -3,6 +3,7 @@ exactly its registry's names."""
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 from collections.abc import Iterator
@@ -110,3 +111,28 @@ def test_a_new_aligner_is_one_module_and_one_yaml(plugin_dirs: Path) -> None:
     merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]
     assert list(merged.method_label) == ["Reverse"] and list(merged["align"]) == ["reverse"]
     assert json.loads(merged.diagnostics.iloc[0])["align_reversed"] == 2
+
+
+CORE_FILES = ["config.py", "run.py", "cli.py", "plots.py", "spec/verify.py"]
+
+
+def _string_constants(path: Path) -> set[str]:
+    return {
+        n.value
+        for n in ast.walk(ast.parse(path.read_text()))
+        if isinstance(n, ast.Constant) and isinstance(n.value, str)
+    }
+
+
+def test_the_core_names_no_component() -> None:
+    """A component states its own cross-key checks, label suffix, result columns, datasets and smoke sizes (hooks on
+    its params), so the core modules spell out no component name, no component-specific parameter and no paper
+    layout (section keys like `repair`, the sections' defaults and matplotlib's "none" excepted)."""
+    from mergebench.config import TOP_LEVEL
+    from mergebench.report import LAYOUTS
+
+    names = {n for registry in (ALIGNERS, AGGREGATORS, REPAIRS, STRATEGIES, SPLITS) for n in registry.names()}
+    forbidden = (names | set(LAYOUTS) | {"stop_at", "others", "hidden"}) - TOP_LEVEL - {"same", "all_to_one", "none"}
+    src = Path(mergebench.align.__file__).parents[1]
+    found = {f: sorted(_string_constants(src / f) & forbidden) for f in CORE_FILES}
+    assert found == {f: [] for f in CORE_FILES}

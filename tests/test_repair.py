@@ -14,12 +14,11 @@ from mergebench.config import validate
 from mergebench.data.datasets import load_dataset
 from mergebench.data.loader import Batches
 from mergebench.errors import ConfigError
-from mergebench.merge.avg import weighted_state
 from mergebench.merge.repair import InsertedNorms, channel_stats, goal_stats, repair, repair_sites
-from mergebench.merge.reset_bn import reset_bn
 from mergebench.models import MODELS, ModelInput
 from mergebench.run import run
 from mergebench.spec import PermutationSpec
+from mergebench.weights import reset_bn, weighted_state
 
 DIGITS = ModelInput(1, 8, 10)
 

@@ -12,18 +12,18 @@ from torch import nn
 import mergebench
 from mergebench.align.activations import activation_stats
 from mergebench.align.permute import correlation_matching
-from mergebench.align.trace import TraceError, model_spec, trace_spec
-from mergebench.align.verify import (
+from mergebench.align.weight_matching import weight_matching
+from mergebench.models import MODELS, ModelInput
+from mergebench.registry import to_dataclass
+from mergebench.spec import Part, PermutationSpec, ProbeView, Transform, apply_transforms, random_permutations
+from mergebench.spec.trace import TraceError, model_spec, trace_spec
+from mergebench.spec.verify import (
     SpecMismatchError,
     checked_spec,
     moving_permutations,
     verification_input,
     verify_spec,
 )
-from mergebench.align.weight_matching import weight_matching
-from mergebench.models import MODELS, ModelInput
-from mergebench.registry import to_dataclass
-from mergebench.spec import Part, PermutationSpec, ProbeView, Transform, apply_transforms, random_permutations
 from tests import user_models
 
 BUILT_IN = [

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import Tensor, fx, nn
 
-from mergebench.align.trace import trace_spec
-from mergebench.align.verify import SpecMismatchError, verify_spec
 from mergebench.align.weight_matching import weight_matching
 from mergebench.spec import Part, PermutationSpec, Transform, apply_transforms, random_permutations
+from mergebench.spec.trace import trace_spec
+from mergebench.spec.verify import SpecMismatchError, verify_spec
 from tests import user_models
 from tests.test_trace import warmed
 

@@ -18,10 +18,10 @@ import torch
 
 import mergebench
 from mergebench import zoo
-from mergebench.align.trace import model_spec
-from mergebench.align.verify import VERIFY_BATCH, moving_permutations
 from mergebench.errors import ConfigError
 from mergebench.spec import apply_transforms
+from mergebench.spec.trace import model_spec
+from mergebench.spec.verify import VERIFY_BATCH, moving_permutations
 
 NUM_CLASSES = 10
 # zoo.CLASSIFIERS but the five largest (ResNet-50, ConvNeXt-T, ViT-B/16, Swin-T, ResNet-26d: 14-86M parameters)

@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align import ALIGNERS
-from mergebench.align.verify import VERIFY_BATCH, checked_spec
 from mergebench.context import MergeContext
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.merge_data import MergeData
@@ -38,6 +37,7 @@ from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
 from mergebench.merge.registry import Methods
 from mergebench.merge.strategies import check_combination
 from mergebench.registry import Component, Registry
+from mergebench.spec.verify import VERIFY_BATCH, checked_spec
 
 MergeInput = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
 """An `(inputs, labels)` pair of tensors, a DataLoader, or any iterable of `(inputs, labels)` batches."""
@@ -293,7 +293,7 @@ def merge(
     device = next(models[0].parameters()).device
     x, y = merge_tensors(data, device) if data is not None else (None, None)
     inputs, source = check_inputs(models[0], x, example_inputs, seed)
-    spec, checked = checked_spec(list(models), inputs, None, seed=seed, repair=methods.repair.name)
+    spec, checked = checked_spec(list(models), inputs, None, seed=seed, check=methods.check_spec)
     if x is None or y is None:  # no batches to give: the context refuses any method that asks for them
         x, y = torch.empty(0), torch.empty(0, dtype=torch.long)
         names = f"align={methods.align.name}, agg={methods.agg.name}, repair={methods.repair.name}"

@@ -199,11 +199,13 @@ def check_writable(key: str, folder: Path) -> None:
 
 def check_data(run_cfg: RunConfig) -> None:
     """Every dataset the run reads is on disk (or fetchable): fail here, before Hydra launches any job."""
-    others = getattr(run_cfg.split.params, "others", None) or []
-    for name in others:
-        if name not in DATASETS.names():
-            raise ConfigError(f"data.others={name!r} is not known; {suggest(name, DATASETS.names())}")
-    for name in [run_cfg.dataset.name, *others]:
+    hook = getattr(run_cfg.split.params, "datasets_read", None)
+    more = hook() if hook is not None else {}  # the split's own keys naming datasets, e.g. cross_dataset's
+    for key, names in more.items():
+        for name in names:
+            if name not in DATASETS.names():
+                raise ConfigError(f"data.{key}={name!r} is not known; {suggest(name, DATASETS.names())}")
+    for name in [run_cfg.dataset.name, *(n for names in more.values() for n in names)]:
         check_available(name, run_cfg.data.root, run_cfg.data.download)
 
 

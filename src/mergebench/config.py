@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import os
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,21 +20,13 @@ from mergebench.checkpoints import check_sources, checkpoint_key, checkpoint_pat
 from mergebench.data.datasets import DATASETS, NORMALIZE_MODES
 from mergebench.data.merge_data import MergeDataConfig
 from mergebench.data.splits import SPLITS, Split
-from mergebench.errors import ConfigError
+from mergebench.errors import ConfigError, suggest
 from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES, Aggregator, Repair, Strategy
 from mergebench.merge.strategies import check_combination
 from mergebench.models import MODELS, ModelBuilder
 from mergebench.registry import Component, Registry, to_dataclass
 
 T = TypeVar("T")
-
-
-def suggest(word: str, options: Sequence[str], template: str = "{}") -> str:
-    """The tail of an 'is not known' message: the closest option first when one is close, since a typo wants its fix
-    rather than a list to search, then all of them. `template` puts the match back in place ('train.{}')."""
-    close = difflib.get_close_matches(word, options, n=1)
-    hint = f"did you mean {template.format(close[0])}? " if close else ""
-    return f"{hint}allowed: {', '.join(options)}"
 
 
 @dataclasses.dataclass
@@ -245,9 +235,7 @@ PLUGIN_SECTIONS: dict[str, Registry] = {
 }
 
 # batch_size: small batches give the one smoke epoch ~10 steps, enough to lift the models above chance
-SMOKE_LIMITS = {
-    "train_limit": 1000, "test_limit": 500, "epochs": 1, "batch_size": 100, "width": 0.25, "hidden": 64, "curve": 3,
-}  # fmt: skip
+SMOKE_LIMITS = {"train_limit": 1000, "test_limit": 500, "epochs": 1, "batch_size": 100, "curve": 3}
 
 
 def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
@@ -264,12 +252,7 @@ def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
     references = raw.get("references", {})
     if references.get("coreset_epochs") is not None:
         references["coreset_epochs"] = min(references["coreset_epochs"], SMOKE_LIMITS["epochs"])
-    model = raw.setdefault("model", {})
-    if "width" in model:
-        model["width"] = min(float(model["width"]), SMOKE_LIMITS["width"])
-    if "hidden" in model:
-        model["hidden"] = [min(h, SMOKE_LIMITS["hidden"]) for h in model["hidden"]]
-    for section, registry in PLUGIN_SECTIONS.items():  # a component may shrink its own parameters (CCA's γ grid)
+    for section, registry in PLUGIN_SECTIONS.items():  # a component shrinks its own parameters (widths, CCA's γ grid)
         values = raw.get(section)
         if isinstance(values, dict) and "name" in values:
             smoke = getattr(registry.get(str(values["name"])).params, "smoke", None)
@@ -279,6 +262,15 @@ def apply_smoke(raw: dict[str, Any]) -> dict[str, Any]:
     if curve.get("points", 0) > SMOKE_LIMITS["curve"]:
         curve["points"] = SMOKE_LIMITS["curve"]
     return raw
+
+
+def check_run(chosen: dict[str, Component]) -> None:
+    """The checks across sections that components state themselves (`check_run` on their params, e.g. a strategy
+    that does its own matching refuses an aligner beside it), so the core names none of them."""
+    for component in chosen.values():
+        hook = getattr(component.params, "check_run", None)
+        if hook is not None:
+            hook(chosen)
 
 
 def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
@@ -317,16 +309,6 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ConfigError(f"seed={seed!r} must be an integer >= 0")
     align = _component(ALIGNERS, _section(raw, "align"), "align")
-    if strategy.name == "c2m3" and align.name != "identity":
-        raise ConfigError(
-            f"strategy=c2m3 matches the models itself (data-free, all at once) and would ignore align={align.name}: "
-            "use align=identity with it"
-        )
-    if getattr(align.params, "stop_at", None) is not None and strategy.name == "pairwise":
-        raise ConfigError(
-            "align.stop_at (partial zipping) leaves one head per model, which strategy=pairwise cannot merge "
-            "again: use strategy=all_to_one"
-        )
     agg = _component(AGGREGATORS, _section(raw, "agg"), "agg")
     check_combination(strategy.name, data.num_models, agg.name, agg.params)
     merge_data = to_dataclass(MergeDataConfig, _section(raw, "merge_data"), "merge_data")
@@ -342,6 +324,8 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
             "the curve interpolates model A and the aligned model B (curve.points=0 turns it off)"
         )
     model = _component(MODELS, _section(raw, "model"), "model")
+    repair = _component(REPAIRS, _section(raw, "repair"), "repair")
+    check_run({"data": split, "model": model, "align": align, "agg": agg, "repair": repair, "strategy": strategy})
     references = to_dataclass(ReferencesConfig, _section(raw, "references"), "references")
     check_sources(model.name, checkpoints, references.joint)
     if checkpoints and references.coreset:
@@ -361,7 +345,7 @@ def validate(cfg: DictConfig | dict[str, Any]) -> RunConfig:
         train=to_dataclass(TrainConfig, _section(raw, "train"), "train"),
         align=align,
         agg=agg,
-        repair=_component(REPAIRS, _section(raw, "repair"), "repair"),
+        repair=repair,
         strategy=strategy,
         merge_data=merge_data,
         references=references,

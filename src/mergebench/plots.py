@@ -45,7 +45,7 @@ def _setting_label(df: pd.DataFrame) -> pd.Series:
         return pd.Series("", index=df.index)
 
     def label(row: pd.Series) -> str:
-        angle = split_param(row.get("split_params"), "angle") if row["split"] == "rotated" else None
+        angle = split_param(row.get("split_params"), "angle")
         parts = [f"θ={float(angle):g}°" if k == "scenario" and angle is not None else f"{k}={row[k]}" for k in varying]
         return ", ".join(parts)
 
@@ -126,11 +126,12 @@ def accuracy_vs_models(df: pd.DataFrame) -> Figure | None:
 def accuracy_vs_angle(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> Figure | None:
     """YM Table 1 as a figure: top-1 on the mixed test set vs θ for the merge and the references (mean ± std
     over seeds), with the paper's numbers (setting column `θ°`) when given."""
-    test = df[(df["metric"] == "top1") & (df["subset"] == "test") & (df["split"] == "rotated")].copy()
+    test = df[(df["metric"] == "top1") & (df["subset"] == "test")].copy()
     test = test[test["model_role"].isin(["merged", "ensemble", "base_avg", "base_0", "base_1", "joint"])]
     if test.empty:
         return None
     test["angle"] = test["split_params"].map(lambda s: float(split_param(s, "angle", default=math.nan)))
+    test = test.dropna(subset=["angle"])  # runs of a split with a rotation angle
     if test["angle"].nunique() < 2:
         return None
     stats = _mean_std(test, ["method_label", "angle"])
@@ -156,14 +157,14 @@ def accuracy_vs_angle(df: pd.DataFrame, paper: pd.DataFrame | None = None) -> Fi
     return fig
 
 
-def write_plots(df: pd.DataFrame, out_dir: Path, paper: pd.DataFrame | None = None, name: str = "") -> list[Path]:
-    """Every figure the rows allow, as PNGs in `out_dir`; returns their paths."""
+def write_plots(df: pd.DataFrame, out_dir: Path, angle_paper: pd.DataFrame | None = None) -> list[Path]:
+    """Every figure the rows allow, as PNGs in `out_dir`; returns their paths. `angle_paper`: a paper's values to
+    mark on the accuracy-vs-angle figure (a layout that has one says so: `Layout.angle_figure`)."""
     figures: list[tuple[str, Figure]] = []
     curves = interpolation_curves(df)
     figures += [(f"interpolation{'' if len(curves) == 1 else f'_{i}'}", fig) for i, fig in enumerate(curves)]
     if (fig := accuracy_vs_models(df)) is not None:
         figures.append(("accuracy_vs_models", fig))
-    angle_paper = paper if name == "ym_table1" else None
     if (fig := accuracy_vs_angle(df, angle_paper)) is not None:
         figures.append(("accuracy_vs_angle", fig))
     out_dir.mkdir(parents=True, exist_ok=True)

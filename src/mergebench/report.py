@@ -81,6 +81,7 @@ class Layout:
     column: Cell
     row: Cell = lambda r: r.method_label
     metrics: tuple[str, ...] = ("top1",)
+    angle_figure: bool = False  # the paper's values go on the accuracy-vs-rotation figure
 
 
 LAYOUTS: dict[str, Layout] = {
@@ -109,6 +110,7 @@ LAYOUTS: dict[str, Layout] = {
     "ym_table1": Layout(
         "YM Table 1 (MLP, MNIST vs rotated MNIST, accuracy % on the mixed test set)",
         lambda r: f"{float(split_param(r.get('split_params'), 'angle', 0.0)):g}°",
+        angle_figure=True,
     ),
     "ym_table2": Layout("YM Table 2 (accuracy % on D_AB)", _ym2_column, row=_ym2_row),
     "ym_table3": Layout("YM Table 3 (SPLIT-CIFAR10, STE with k examples per class)", lambda r: f"{_size(r)}/class"),
@@ -435,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     for part in tables:
         rows = df.loc[(df[list(part.values)] == pd.Series(part.values)).all(axis=1)] if part.values else df
         plot_dir = out_dir / part.label.replace(" ", "_") if part.values else out_dir
-        for path in write_plots(rows, plot_dir, paper, args.paper or ""):
+        for path in write_plots(rows, plot_dir, paper if layout.angle_figure else None):
             console.print(f"plot: {path}", highlight=False)
     return 0
 

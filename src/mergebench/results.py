@@ -43,6 +43,23 @@ def method_label(align: str, agg: str, repair: str, strategy: str = "all_to_one"
     return (fix.label or "{method}").format(method=label)
 
 
+MODEL_COLUMNS = ("width", "norm")  # the results' model-setting columns; an architecture fills them (result_columns)
+
+
+def model_columns(model_params: Any) -> dict[str, Any]:
+    """The model-setting columns of a run's rows, from the architecture's `result_columns()` (blank where it has
+    none, e.g. a user model)."""
+    hook = getattr(model_params, "result_columns", None)
+    given = hook() if hook is not None else {}
+    return {key: given.get(key) for key in MODEL_COLUMNS}
+
+
+def label_suffix(*components_params: Any) -> str:
+    """What the chosen components add to a method's label (`label_suffix()` on their params: a partial zip's
+    `stop_at`), in the order given."""
+    return "".join(hook() for p in components_params if (hook := getattr(p, "label_suffix", None)) is not None)
+
+
 def split_param(split_params: Any, key: str, default: Any = None) -> Any:
     """One parameter of a run's split (e.g. `angle` of `rotated`) from its `split_params` column (JSON), or
     `default` where the split has no such parameter."""

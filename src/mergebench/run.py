@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mergebench.align.verify import VERIFY_BATCH, checked_spec
 from mergebench.cache import (
     ModelCache,
     ResultsCache,
@@ -33,12 +32,13 @@ from mergebench.data.merge_data import MergeData, select_merge_data
 from mergebench.data.splits import Scenario, SplitRequest
 from mergebench.errors import ConfigError
 from mergebench.evaluate import ensemble_logits, metrics, predict, subset_metrics
-from mergebench.merge.curve import barriers, interpolation_curve
+from mergebench.merge.curve import CURVE_AGG, barriers, interpolation_curve
 from mergebench.merge.strategies import Methods, align_to
 from mergebench.models import ModelInput
 from mergebench.pause import pause_point
 from mergebench.progress import announce
-from mergebench.results import RowWriter, base_label, method_label
+from mergebench.results import RowWriter, base_label, label_suffix, method_label, model_columns
+from mergebench.spec.verify import VERIFY_BATCH, checked_spec
 from mergebench.train import BaseModelRequest, train_best_epoch, train_or_load
 
 
@@ -120,8 +120,7 @@ def common_columns(cfg: RunConfig, scenario: Scenario) -> dict:
         "scenario": scenario_label(cfg),
         "split_params": json.dumps(split_params(cfg)),
         "arch": cfg.model.name,
-        "width": getattr(cfg.model.params, "width", None),
-        "norm": getattr(cfg.model.params, "norm", None),
+        **model_columns(cfg.model.params),
         "num_models": cfg.data.num_models,
         "seed": cfg.seed,
         "align": cfg.align.name,
@@ -245,8 +244,9 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
 
     if not cfg.train.only:
         sample = next(iter(Batches(train, merge.fit, info, VERIFY_BATCH)))[0]
+        methods = Methods(cfg.align, cfg.agg, cfg.repair)
         spec, checked = checked_spec(
-            [m for m, _ in models], sample, info.num_classes, seed=cfg.seed, repair=cfg.repair.name
+            [m for m, _ in models], sample, info.num_classes, seed=cfg.seed, check=methods.check_spec
         )
         ctx = MergeContext(
             spec=spec,
@@ -263,13 +263,11 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
         )
         pause_point("merge")
         start = time.perf_counter()
-        methods = Methods(cfg.align, cfg.agg, cfg.repair)
         merged = cfg.strategy.factory(cfg.strategy.params, [m for m, _ in models], methods, ctx)
         wall = time.perf_counter() - start
         merged.save_artifacts(out_dir)
         label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name, cfg.strategy.name)
-        if getattr(cfg.align.params, "stop_at", None) is not None:  # a partial zip is its own method
-            label += f" (stop_at={cfg.align.params.stop_at})"
+        label += label_suffix(cfg.align.params, cfg.agg.params, cfg.repair.params, cfg.strategy.params)
         diagnostics = {**checked, **merged.diagnostics}
         writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=diagnostics)
 
@@ -277,7 +275,7 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
             # reuse the strategy's alignment where A stayed the reference (all_to_one); else align B to A here
             pair = merged.aligned_to_first or align_to(models[0][0], [models[1][0]], methods, ctx)[0]
             model_a, model_b = pair
-            curve_label = method_label(cfg.align.name, "avg", cfg.repair.name, cfg.strategy.name)
+            curve_label = method_label(cfg.align.name, CURVE_AGG, cfg.repair.name, cfg.strategy.name)
             points = []
             for alpha, model in interpolation_curve(model_a, model_b, cfg.curve.points, cfg.repair, ctx):
                 points.append((alpha, evaluate(model)[1]))

@@ -88,6 +88,29 @@ CLASSIFIERS = tuple(
     )
 )
 
+# more of the zoo, never named in tests or in the issue that asked for the named set: grouped ResNeXt, wide ResNet,
+# MNASNet, VGG with BN, GoogLeNet, EfficientNetV2, RegNetX, MobileNetV3-Large; timm's CSPNet, DLA, ReXNet, RepVGG,
+# PoolFormer, EfficientFormer
+UNNAMED = tuple(
+    Classifier(name, side, kwargs)
+    for name, side, kwargs in (
+        ("torchvision.models:resnext50_32x4d", 32, {}),
+        ("torchvision.models:wide_resnet50_2", 32, {}),
+        ("torchvision.models:mnasnet0_5", 32, {}),
+        ("torchvision.models:vgg11_bn", 32, {}),
+        ("torchvision.models:googlenet", 32, {"aux_logits": False, "init_weights": True}),
+        ("torchvision.models:efficientnet_v2_s", 32, {}),
+        ("torchvision.models:regnet_x_400mf", 32, {}),
+        ("torchvision.models:mobilenet_v3_large", 32, {}),
+        ("timm:cspresnet50", 32, {}),
+        ("timm:dla34", 32, {}),
+        ("timm:rexnet_100", 32, {}),
+        ("timm:repvgg_a0", 32, {}),
+        ("timm:poolformer_s12", 32, {}),
+        ("timm:efficientformer_l1", 64, {"img_size": 64}),
+    )
+)
+
 
 class ZooUnavailable(ConfigError):
     """torchvision or timm cannot be imported here: the one-line message says why and what to install."""

@@ -24,8 +24,8 @@ from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
-from mergebench.merge.avg import mean_model
 from mergebench.spec import Transform, apply_transforms
+from mergebench.weights import mean_model
 
 
 @dataclasses.dataclass

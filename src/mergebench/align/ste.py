@@ -26,10 +26,10 @@ from mergebench.align.weight_matching import weight_matching
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
-from mergebench.merge.avg import mean_model
 from mergebench.progress import EpochProgress
 from mergebench.seeds import mix_seeds
 from mergebench.spec import Transform, apply_transforms
+from mergebench.weights import mean_model
 
 SCHEDULES = ("constant", "multi_step")
 KEEPS = ("held_out", "train_batch")

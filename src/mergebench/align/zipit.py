@@ -36,7 +36,7 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -48,8 +48,9 @@ from mergebench.align.registry import ALIGNERS, JointAligner, JointAlignment
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
-from mergebench.merge.avg import mean_model
+from mergebench.registry import Component
 from mergebench.spec import PermutationSpec, Transform, apply_transforms, probe_module
+from mergebench.weights import mean_model
 
 
 @dataclasses.dataclass
@@ -72,6 +73,18 @@ class ZipItParams:
             raise ConfigError(f"beta_grid={self.beta_grid} must be a non-empty list of values in [0, 1]")
         if self.batch_size is not None and self.batch_size <= 0:
             raise ConfigError(f"batch_size={self.batch_size} must be a positive integer or null (eval batch size)")
+
+    def check_run(self, chosen: Mapping[str, Component]) -> None:
+        """A partial zip leaves one head per model, which a strategy merging merged models again cannot take."""
+        if self.stop_at is not None and chosen["strategy"].name == "pairwise":
+            raise ConfigError(
+                "align.stop_at (partial zipping) leaves one head per model, which strategy=pairwise cannot merge "
+                "again: use strategy=all_to_one"
+            )
+
+    def label_suffix(self) -> str:
+        """A partial zip is its own method."""
+        return "" if self.stop_at is None else f" (stop_at={self.stop_at})"
 
     @staticmethod
     def smoke(values: dict[str, Any]) -> dict[str, Any]:

@@ -248,6 +248,10 @@ class CrossDatasetParams:
     others: list[str] = dataclasses.field(default_factory=lambda: ["fashion_mnist"])
     size: int | None = None
 
+    def datasets_read(self) -> dict[str, list[str]]:
+        """The datasets beside data.dataset that this split reads, by key (checked before a sweep starts)."""
+        return {"others": list(self.others)}
+
 
 @SPLITS.register("cross_dataset", CrossDatasetParams)
 def split_cross_dataset(params: CrossDatasetParams, req: SplitRequest) -> Scenario:

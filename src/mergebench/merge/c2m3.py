@@ -21,6 +21,7 @@ to a permutation). The aligner is not used: C2M3 is its own matching.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -35,8 +36,10 @@ from torch import Tensor, nn
 
 from mergebench.align.weight_matching import parameters
 from mergebench.context import MergeContext
+from mergebench.errors import ConfigError
 from mergebench.merge.registry import STRATEGIES, Merged, Methods
 from mergebench.merge.strategies import StrategyParams, aggregate_and_repair
+from mergebench.registry import Component
 from mergebench.spec import PermutationSpec, Transform, apply_transforms
 
 PATIENCE = 5  # stop after this many steps in a row that each gain less than a relative RELATIVE_GAIN
@@ -228,8 +231,19 @@ def between(universe_i: Tensor, universe_j: Tensor) -> Tensor:
     return universe_j[torch.argsort(universe_i)]
 
 
-@STRATEGIES.register("c2m3", StrategyParams, label="C2M3", abbrev="C2M3")
-def c2m3(params: StrategyParams, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
+@dataclasses.dataclass
+class C2M3Params(StrategyParams):
+    def check_run(self, chosen: Mapping[str, Component]) -> None:
+        """C2M3 matches the models itself (data-free, all at once): an aligner beside it would be ignored."""
+        if chosen["align"].name != "identity":
+            raise ConfigError(
+                f"strategy=c2m3 matches the models itself (data-free, all at once) and would ignore "
+                f"align={chosen['align'].name}: use align=identity with it"
+            )
+
+
+@STRATEGIES.register("c2m3", C2M3Params, label="C2M3", abbrev="C2M3")
+def c2m3(params: C2M3Params, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
     """Match all models cycle-consistently (data-free), carry each into model 0's basis through the universe, then
     aggregate all at once and repair."""
     start = time.perf_counter()

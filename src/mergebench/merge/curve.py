@@ -20,6 +20,7 @@ from mergebench.merge.avg import AvgParams, aggregate_avg
 # metric -> (the barrier's name, +1 when higher is better)
 BARRIER_METRICS = {"top1": ("acc_barrier", 1.0), "loss": ("loss_barrier", -1.0)}
 MIDPOINT = 0.5
+CURVE_AGG = "avg"  # the aggregator each point of the curve is (its results are labelled as that merge)
 
 
 def curve_alphas(points: int) -> list[float]:

@@ -18,10 +18,9 @@ from torch import nn
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
-from mergebench.merge.avg import uniform_weights, weighted_state
 from mergebench.merge.loop import adam_epochs
 from mergebench.merge.registry import AGGREGATORS, Merged
-from mergebench.merge.reset_bn import has_batchnorm, reset_bn
+from mergebench.weights import has_batchnorm, reset_bn, uniform_weights, weighted_state
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +65,14 @@ class Methods:
     align: Component[Aligner]
     agg: Component[Aggregator]
     repair: Component[Repair]
+
+    def check_spec(self, info: Mapping[str, Any]) -> None:
+        """Let each method refuse a spec it cannot work with (`check_spec(info)` on its params: REPAIR and
+        channels-last layers), given the spec's diagnostics, before anything is aligned."""
+        for component in (self.align, self.agg, self.repair):
+            hook = getattr(component.params, "check_spec", None)
+            if hook is not None:
+                hook(info)
 
 
 class Strategy(Protocol):

@@ -18,7 +18,8 @@ per-channel change survives. Without a norm the correction folds into the layer'
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +27,9 @@ from torch import Tensor, nn
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.registry import REPAIRS
-from mergebench.merge.reset_bn import has_batchnorm, reset_bn
 from mergebench.models.layers import ChannelLayerNorm
 from mergebench.spec import PermutationSpec
+from mergebench.weights import has_batchnorm, reset_bn
 
 __all__ = [
     "Goal",
@@ -230,8 +231,21 @@ def repair(
     return inserted.fuse()
 
 
-@REPAIRS.register("repair", label="{method} + REPAIR")
+@dataclasses.dataclass
+class RepairParams:
+    def check_spec(self, info: Mapping[str, Any]) -> None:
+        """REPAIR corrects conv/linear outputs read on dim 1: a traced model with channels-last layers is refused."""
+        last = info.get("spec_channels_last")
+        if last:
+            shown = ", ".join(last[:3]) + (f" and {len(last) - 3} more" if len(last) > 3 else "")
+            raise ConfigError(
+                f"repair=repair corrects conv/linear outputs with their units on dim 1, but {shown} put them last "
+                "(channels-last): use repair=reset_bn or repair=none for this model"
+            )
+
+
+@REPAIRS.register("repair", RepairParams, label="{method} + REPAIR")
 def repair_repair(
-    params: None, merged: nn.Module, sources: list[nn.Module], weights: list[float], ctx: MergeContext
+    params: RepairParams, merged: nn.Module, sources: list[nn.Module], weights: list[float], ctx: MergeContext
 ) -> nn.Module:
     return repair(merged, sources, weights, ctx.spec, ctx.seeded_fit_batches())

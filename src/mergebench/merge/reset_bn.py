@@ -6,50 +6,11 @@ activations; NP and the REPAIR paper recompute them on the merge data after ever
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from mergebench.context import MergeContext
 from mergebench.merge.registry import REPAIRS
-
-
-def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """Every BatchNorm of any dimension: found by isinstance, so BatchNorm1d is never skipped."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return bool(batchnorms(model))
-
-
-@torch.no_grad()
-def reset_bn(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], extra: Sequence[nn.modules.batchnorm._BatchNorm] = ()
-) -> nn.Module:
-    """Recompute every BatchNorm's running statistics over `batches` as a true cumulative average (momentum=None,
-    train-mode forward passes, no gradients); the model is returned in eval mode with momenta restored.
-
-    `extra` are BatchNorms hooked onto the model from outside (REPAIR's inserted norms), reset in the same pass.
-    """
-    norms = batchnorms(model) + list(extra)
-    if not norms:
-        return model.eval()
-    saved = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    model.train()
-    try:
-        for x, _ in batches:
-            model(x)
-    finally:
-        for m, momentum in zip(norms, saved):
-            m.momentum = momentum
-            m.eval()
-    return model.eval()
+from mergebench.weights import reset_bn
 
 
 @REPAIRS.register("none")

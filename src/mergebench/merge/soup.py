@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.avg import uniform_weights, weighted_state
 from mergebench.merge.loop import learn_blend
 from mergebench.merge.registry import AGGREGATORS, Merged
+from mergebench.weights import uniform_weights, weighted_state
 
 GRANULARITIES = ("model", "layer")
 

@@ -21,9 +21,9 @@ from torch import nn
 from mergebench.align.registry import Assemble, JointAligner
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.avg import mean_model, uniform_weights
 from mergebench.merge.registry import STRATEGIES, Merged, Methods
 from mergebench.spec import Transform, apply_transforms
+from mergebench.weights import mean_model, uniform_weights
 
 
 @dataclasses.dataclass

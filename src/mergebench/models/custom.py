@@ -1,7 +1,7 @@
 """A user's own architecture: `model=custom model.target=package.module:Factory model.kwargs={...}`.
 
 The factory (a class or a function) is called with `model.kwargs` and must return an `nn.Module`; its permutation
-spec is traced (align/trace.py) unless the model defines `permutation_spec()`. Its weights come from
+spec is traced (spec/trace.py) unless the model defines `permutation_spec()`. Its weights come from
 `checkpoints=[...]` (mergebench/checkpoints.py): a custom model is never trained here, since the cache could not
 tell when the user's code changed.
 """

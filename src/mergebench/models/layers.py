@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +34,28 @@ def check_width_norm(width: float, norm: str) -> None:
         raise ConfigError(f"width={width:g} must be > 0")
     if norm not in NORMS:
         raise ConfigError(f"norm={norm!r} is not known; allowed: {', '.join(NORMS)}")
+
+
+SMOKE_WIDTH = 0.25  # smoke=true: width multipliers shrink to at most this
+
+
+@dataclasses.dataclass
+class WidthNormParams:
+    """The width multiplier and norm of the built-in architectures. They are also the settings the results' `width`
+    and `norm` columns report (`result_columns`), and what `smoke=true` shrinks (`smoke`)."""
+
+    width: float = 1.0
+    norm: str = "none"
+
+    def check(self) -> None:
+        check_width_norm(self.width, self.norm)
+
+    def result_columns(self) -> dict[str, Any]:
+        return {"width": self.width, "norm": self.norm}
+
+    @staticmethod
+    def smoke(values: dict[str, Any]) -> dict[str, Any]:
+        return {**values, "width": min(float(values["width"]), SMOKE_WIDTH)} if "width" in values else values
 
 
 def make_norm(kind: str, channels: int, spatial: bool) -> nn.Module:

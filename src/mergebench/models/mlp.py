@@ -4,25 +4,32 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Any
 
 from torch import Tensor, nn
 
 from mergebench.errors import ConfigError
-from mergebench.models.layers import SpecBuilder, check_width_norm, make_norm
+from mergebench.models.layers import SpecBuilder, WidthNormParams, make_norm
 from mergebench.models.registry import MODELS, ModelInput
 from mergebench.spec import PermutationSpec
 
+SMOKE_HIDDEN = 64  # smoke=true: hidden layers shrink to at most this many units
+
 
 @dataclasses.dataclass
-class MLPParams:
-    width: float = 1.0
-    norm: str = "none"
+class MLPParams(WidthNormParams):
     hidden: list[int] = dataclasses.field(default_factory=lambda: [512, 512, 512])
 
     def check(self) -> None:
-        check_width_norm(self.width, self.norm)
+        super().check()
         if not self.hidden or min(self.hidden) <= 0:
             raise ConfigError(f"hidden={self.hidden} must be a non-empty list of positive widths")
+
+    @staticmethod
+    def smoke(values: dict[str, Any]) -> dict[str, Any]:
+        """smoke=true: the width shrinks, and every hidden layer to at most SMOKE_HIDDEN units."""
+        values = WidthNormParams.smoke(values)
+        return {**values, "hidden": [min(h, SMOKE_HIDDEN) for h in values["hidden"]]} if "hidden" in values else values
 
 
 class MLP(nn.Module):

@@ -7,7 +7,7 @@ import dataclasses
 from torch import Tensor, nn
 
 from mergebench.errors import ConfigError
-from mergebench.models.layers import SpecBuilder, check_width_norm, make_norm
+from mergebench.models.layers import SpecBuilder, WidthNormParams, make_norm
 from mergebench.models.registry import MODELS, ModelInput
 from mergebench.spec import PermutationSpec
 
@@ -15,22 +15,17 @@ STEMS = ("cifar", "imagenet")
 
 
 @dataclasses.dataclass
-class ResNet20Params:
-    width: float = 1.0
+class ResNet20Params(WidthNormParams):
     norm: str = "bn"
-
-    def check(self) -> None:
-        check_width_norm(self.width, self.norm)
 
 
 @dataclasses.dataclass
-class ResNet18Params:
-    width: float = 1.0
+class ResNet18Params(WidthNormParams):
     norm: str = "bn"
     stem: str = "cifar"
 
     def check(self) -> None:
-        check_width_norm(self.width, self.norm)
+        super().check()
         if self.stem not in STEMS:
             raise ConfigError(f"stem={self.stem!r} is not known; allowed: {', '.join(STEMS)}")
 

@@ -6,7 +6,7 @@ import dataclasses
 
 from torch import Tensor, nn
 
-from mergebench.models.layers import SpecBuilder, check_width_norm, make_norm
+from mergebench.models.layers import SpecBuilder, WidthNormParams, make_norm
 from mergebench.models.registry import MODELS, ModelInput
 from mergebench.spec import PermutationSpec
 
@@ -14,12 +14,8 @@ VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
 
 @dataclasses.dataclass
-class VGGParams:
-    width: float = 1.0
-    norm: str = "none"
-
-    def check(self) -> None:
-        check_width_norm(self.width, self.norm)
+class VGGParams(WidthNormParams):
+    pass
 
 
 class VGG(nn.Module):

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
-from mergebench.align.trace import model_spec
 from mergebench.errors import ConfigError
 from mergebench.spec import PermutationSpec, Transform, apply_transforms
+from mergebench.spec.trace import model_spec
 
 # max |Δlogit| allowed, relative to the largest |logit|: float64 rounding through a deep net stays below 1e-12, an
 # axis on the wrong group moves logits by 1e-3 and more
@@ -354,21 +354,22 @@ def _blame(
 
 
 def checked_spec(
-    models: list[nn.Module], x: Tensor, num_classes: int | None, *, seed: int, repair: str | None = None
+    models: list[nn.Module],
+    x: Tensor,
+    num_classes: int | None,
+    *,
+    seed: int,
+    check: Callable[[dict], None] | None = None,
 ) -> tuple[PermutationSpec, dict[str, Any]]:
     """The run's spec (model 0's own, or traced from it), verified on model 1 (B) before anything is aligned, and
     the diagnostics to record beside the merge. Logits of the wrong width (a user model built for other data)
-    stop here too, where `num_classes` is known, and REPAIR on layers whose units are not on dim 1."""
+    stop here too, where `num_classes` is known; `check` lets the chosen methods refuse the spec first, from its
+    diagnostics (REPAIR and channels-last layers: `Methods.check_spec`)."""
     spec, info = model_spec(models[0], x)
+    if check is not None:
+        check(info)
     shape = _output_shape(models[0], x)  # the crop, where taken, gives logits of this shape too
     x = verification_input(models[0], x, shape)
-    last = info.get("spec_channels_last")
-    if repair == "repair" and last:
-        shown = ", ".join(last[:3]) + (f" and {len(last) - 3} more" if len(last) > 3 else "")
-        raise ConfigError(
-            f"repair=repair corrects conv/linear outputs with their units on dim 1, but {shown} put them last "
-            "(channels-last): use repair=reset_bn or repair=none for this model"
-        )
     width = (shape if shape is not None else _logits(models[0], x, "eval").shape)[-1]
     if num_classes is not None and width != num_classes:
         raise ConfigError(f"the model outputs {width} logits but the dataset has {num_classes} classes")
