@@ -30,6 +30,7 @@ from torch import Tensor, nn
 import mergebench
 from mergebench import zoo
 from mergebench.bench_record import write_record
+from mergebench.checkpoints import load_state
 from mergebench.spec import PermutationSpec, apply_transforms
 from mergebench.spec.trace import trace_spec
 from mergebench.spec.verify import VERIFY_BATCH, checked_spec, moving_permutations
@@ -127,7 +128,7 @@ def _planted(model: nn.Module, spec: PermutationSpec) -> nn.Module:
     """The model with a cycle through every group's units planted: the same function where the spec is right."""
     planted = copy.deepcopy(model)
     state = model.state_dict()
-    planted.load_state_dict(apply_transforms(state, spec, moving_permutations(spec, state, seed=1)))
+    load_state(planted, apply_transforms(state, spec, moving_permutations(spec, state, seed=1)))
     return planted
 
 

@@ -91,6 +91,41 @@ def test_a_planted_permuted_copy_merges_back_exactly_without_data(options: dict[
         torch.testing.assert_close(tensor, state[key], rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
 
 
+class Versioned(nn.Module):
+    """A module that reads its version while loading (as torchvision's MNASNet does): a state dict without the
+    model's metadata is refused."""
+
+    _version = 2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(12, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs) -> None:
+        if local_metadata.get("version") is None:
+            raise ValueError("version should be set to 1 or 2 instead of None")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+
+@pytest.mark.parametrize("align", ["weight_matching", "permute"])
+def test_models_that_read_their_version_while_loading_are_merged(align: str) -> None:
+    """Merged and permuted states are built fresh, without the version metadata of a model's own state dict; they
+    are loaded with the model's, so such a model merges (MNASNet refused every merge before)."""
+    torch.manual_seed(0)
+    model = Versioned()
+    spec, _ = model_spec(model, torch.randn(4, 12))
+    state = model.state_dict()
+    planted = copy.deepcopy(model)
+    planted.load_state_dict(apply_transforms(state, spec, moving_permutations(spec, state, seed=1)))
+    data = (torch.randn(48, 12), torch.randint(0, 3, (48,))) if align == "permute" else None
+    merged, _ = mergebench.merge([model, planted], align=align, data=data)
+    for key, tensor in merged.state_dict().items():
+        torch.testing.assert_close(tensor, state[key], rtol=0, atol=1e-6)
+
+
 def test_a_dataloader_and_batches_give_the_same_merge_as_the_pair() -> None:
     """The data is read once into two tensors, whatever form it comes in: same merge, to the bit."""
     x, y = digits()

@@ -73,6 +73,47 @@ def test_a_wrong_spec_is_refused_above_rounding() -> None:
     assert "\n" not in str(err.value)
 
 
+class DeepBatchNorm(nn.Module):
+    """60 Linear + BatchNorm1d layers on batches of 4: train mode is so ill-conditioned that float32 is all rounding
+    (its own permuted copy differs by ~1.0) and float64 rounding reaches ~1e-5, far above what float32's difference
+    scaled to float64 predicts (~2e-7): regnet_x_400mf at 32×32 behaves like this."""
+
+    def __init__(self, depth: int = 60, width: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()) for _ in range(depth)
+        )
+        self.out = nn.Linear(width, 3)
+        with torch.no_grad():  # scales and shifts that are not all 1 and 0, so a wrong axis shows
+            for block in self.blocks:
+                block[1].weight.uniform_(0.5, 1.5)
+                block[1].bias.normal_(0.0, 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def test_float64_rounding_is_measured_where_float32_is_saturated() -> None:
+    """The float64 copy's own sensitivity to rounding-sized weight changes sets its floor, per mode: the correct spec
+    passes (the float32-scaled floor alone refused it), and a dropped BatchNorm scale axis is still refused."""
+    torch.manual_seed(0)
+    model, x = DeepBatchNorm().eval(), torch.randn(4, 8)
+    spec = trace_spec(model, x).spec
+    diagnostics = verify_spec(model, spec, x).diagnostics()
+    assert diagnostics["verify_dtype"] == "float64" and diagnostics["verify_float32_diff_train"] > 0.1
+    scaled = 100 * diagnostics["verify_float32_diff_train"] * 2.0**-29
+    assert diagnostics["verify_max_diff_train"] > scaled  # the old floor would have refused it
+    assert diagnostics["verify_float64_floor_eval"] < 1e-12 < diagnostics["verify_float64_floor_train"]
+    broken = dict(spec.axes)
+    broken["blocks.30.1.weight"] = (None,)
+    with pytest.raises(SpecMismatchError, match=r"permuting group 'blocks.30.0' .* above rounding"):
+        verify_spec(model, PermutationSpec(broken, spec.probes), x)
+
+
 class DropPath(nn.Module):
     """timm's DropPath / torchvision's StochasticDepth as a user writes them: no `nn.Dropout` anywhere."""
 

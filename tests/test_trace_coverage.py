@@ -346,13 +346,61 @@ def test_a_view_of_two_permuted_axes_keeps_one_and_names_the_other() -> None:
 @pytest.mark.parametrize("shuffle", [True, False])
 def test_shufflenet_style_split_and_shuffle_are_followed_exactly(shuffle: bool) -> None:
     """The stride-1 unit's chunk gives its halves a permutation each; the channel shuffle (view → transpose →
-    reshape) interleaves the concatenated halves, which one permutation of both, in pairs, follows exactly."""
+    reshape) interleaves the concatenated halves (entry 2u + s is unit u of half s), so each half keeps its own
+    permutation, read through strided parts by the next unit's chunk and convs."""
     torch.manual_seed(0)
     model, x = user_models.ShuffleNetStyle(width=8, shuffle=shuffle), torch.randn(16, 3, 8, 8)
     traced = trace_spec(model, x)
-    assert len(traced.warnings) == (4 if shuffle else 0)
+    assert traced.warnings == []
     spec = check_exact(model, x)
     assert hidden_unit_coverage(model, spec, x) == 1.0
+    if shuffle:  # the next unit's branch reads the shuffled second half: two groups, every other channel each
+        reads = spec.parts["stages.1.branch2.0.weight"][1]
+        assert [(p.offset, p.units, p.stride) for p in reads] == [(0, 4, 2), (1, 4, 2)]
+        assert reads[0].group != reads[1].group
+        assert {p.stride for p in spec.parts["conv5.0.weight"][1]} == {2, 4}  # a shuffle of a shuffled half
+
+
+class OddShuffle(nn.Module):
+    """Two 3-channel convs concatenated, shuffled (groups 2) and cut 4 + 2: the cut falls inside a round of the
+    interleave, so the first piece holds 2 units of each conv and the second 1 of each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+        self.c, self.d = nn.Conv2d(4, 5, 1), nn.Conv2d(2, 5, 1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1)
+        n, _, h, w = y.shape
+        y = y.view(n, 2, 3, h, w).transpose(1, 2).reshape(n, 6, h, w)
+        first, second = y.split([4, 2], dim=1)
+        return self.fc((torch.relu(self.c(first)) + torch.relu(self.d(second))).mean([2, 3]))
+
+
+def test_a_cut_inside_a_round_of_a_channel_shuffle_splits_each_member_where_it_falls() -> None:
+    torch.manual_seed(0)
+    model, x = OddShuffle(), torch.randn(8, 3, 4, 4)
+    traced = trace_spec(model, x)
+    assert traced.warnings == []
+    spec = check_exact(model, x)
+    reads = spec.parts["c.weight"][1]  # entries a0 b0 a1 b1: a's first two units, then b's
+    assert [(p.offset, p.units, p.stride) for p in reads] == [(0, 2, 2), (1, 2, 2)]
+    assert spec.parts["a.weight"][0][0].group == reads[0].group
+
+
+def test_strided_parts_move_their_units_in_place_and_split_for_scoring() -> None:
+    """An axis interleaving two groups (a at entries 0, 2, 4; b at 1, 3, 5): each group's permutation moves only
+    its own entries, and `plain_view` hands each group's units to the scorer in unit order."""
+    parts = (Part("a", 0, 3, 1, 2), Part("b", 1, 3, 1, 2))
+    spec = PermutationSpec(axes={"w": (None, None)}, probes={}, parts={"w": {1: parts}})
+    w = torch.arange(12.0).reshape(2, 6)
+    moved = apply_transforms({"w": w}, spec, {"a": Transform.permutation(torch.tensor([2, 0, 1]))})["w"]
+    assert moved[0].tolist() == [4.0, 1.0, 0.0, 3.0, 2.0, 5.0]
+    _, plain = spec.plain_view({"w": w})
+    assert plain["w#0"].squeeze(-1)[0].tolist() == [0.0, 2.0, 4.0]
+    assert plain["w#1"].squeeze(-1)[0].tolist() == [1.0, 3.0, 5.0]
 
 
 class Straddling(nn.Module):

@@ -49,11 +49,9 @@ def _id(case: zoo.Classifier) -> str:
     return f"{source.split('.')[0]}:{name}"
 
 
-@pytest.mark.zoo
-@pytest.mark.parametrize("case", CASES, ids=_id)
-def test_planted_permutation_merges_back(case: zoo.Classifier, modules: tuple[ModuleType, ModuleType]) -> None:
-    """The traced spec passes the merge's own check on the planted model, and weight matching undoes the plant
-    exactly: averaging the model with its aligned permuted copy gives the model's own weights back."""
+def assert_merges_back(case: zoo.Classifier, align: str) -> None:
+    """The traced spec passes the merge's own check on the planted model, and `align` undoes the plant exactly:
+    averaging the model with its aligned permuted copy gives the model's own weights back."""
     torch.manual_seed(0)
     model = case.build(NUM_CLASSES).eval()
     x = torch.randn(8, 3, case.side, case.side)
@@ -64,11 +62,35 @@ def test_planted_permutation_merges_back(case: zoo.Classifier, modules: tuple[Mo
     assert any(not torch.equal(permuted[k], v) for k, v in state.items()), "no group: nothing was planted"
     planted = copy.deepcopy(model)
     planted.load_state_dict(permuted)
-    merged, _ = mergebench.merge([model, planted], align="weight_matching", agg="avg", data=(x, y))
+    merged, _ = mergebench.merge([model, planted], align=align, agg="avg", data=(x, y))
     back = merged.state_dict()
     for key, tensor in state.items():
         scale = tensor.abs().max().item() if tensor.is_floating_point() else 0.0
         torch.testing.assert_close(back[key], tensor, rtol=0, atol=1e-5 * scale, msg=lambda m, key=key: f"{key}: {m}")
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_planted_permutation_merges_back(case: zoo.Classifier, modules: tuple[ModuleType, ModuleType]) -> None:
+    assert_merges_back(case, "weight_matching")
+
+
+# zoo models no test was written for, each once a failure: MNASNet reads its version while loading (fresh states
+# lacked it), RegNetX's train-mode check is so ill-conditioned that float64 rounding reaches 1e-6, RepVGG's last
+# stage carries only rounding noise at 32×32 (activation matching must treat it as dead); ShuffleNet's channel
+# shuffle interleaves its halves (strided parts)
+UNNAMED = [c for c in zoo.UNNAMED if c.name.endswith(("mnasnet0_5", "regnet_x_400mf", "repvgg_a0"))]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("align", ["weight_matching", "permute"])
+@pytest.mark.parametrize(
+    "case", [*UNNAMED, *(c for c in zoo.CLASSIFIERS if c.name.endswith("shufflenet_v2_x0_5"))], ids=_id
+)
+def test_more_zoo_models_merge_back_with_either_aligner(
+    case: zoo.Classifier, align: str, modules: tuple[ModuleType, ModuleType]
+) -> None:
+    assert_merges_back(case, align)
 
 
 def test_cases_cover_the_families() -> None:

@@ -15,6 +15,7 @@ import pickle
 import re
 import time
 import zipfile
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -204,6 +205,18 @@ def check_fits(state: Mapping[str, Tensor], model: nn.Module, path: Path) -> Non
         raise CheckpointError(f"checkpoint {path} does not fit {type(model).__name__}: {'; '.join(problems)}")
 
 
+def load_state(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """`model.load_state_dict(state)`, with the model's own version metadata where `state` was built fresh (a merged
+    or permuted dict, a safetensors file): modules that read their version while loading (torchvision's MNASNet)
+    refuse a state without it."""
+    if getattr(state, "_metadata", None) is None:
+        fresh = OrderedDict(state)
+        fresh._metadata = getattr(model.state_dict(), "_metadata", None)
+        state = fresh
+    model.load_state_dict(state)
+    return model
+
+
 def load_models(paths: list[Path], build: Callable[[], nn.Module]) -> list[tuple[nn.Module, dict[str, Any]]]:
     """One model per checkpoint, in eval mode, with its load time (the rows' wall_s for a base model)."""
     models = []
@@ -212,7 +225,7 @@ def load_models(paths: list[Path], build: Callable[[], nn.Module]) -> list[tuple
         model = build()
         state = read_state(path)
         check_fits(state, model, path)
-        model.load_state_dict(state)
+        load_state(model, state)
         models.append((model.eval(), {"checkpoint": str(path), "wall_s": time.perf_counter() - start}))
     return models
 

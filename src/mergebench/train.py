@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergebench.cache import ModelCache, content_key, tensor_digest
+from mergebench.checkpoints import load_state
 from mergebench.config import TrainConfig
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.loader import Batches
@@ -208,7 +209,7 @@ def train_or_load(
 
     state, meta, hit = cache.get_or_create(key, create)
     model = build()
-    model.load_state_dict(state)
+    load_state(model, state)
     verb = "cache hit" if hit else f"trained in {meta.get('wall_s', 0):.1f}s"
     announce(f"{request.label}: {verb} ({key})")
     return model.eval(), {**meta, "cache_hit": hit}
@@ -232,6 +233,6 @@ def train_best_epoch(
     model, stats = train_request(request, build, keep_best)
     if not scores:  # zero epochs: the initialisation is all there is
         return model.eval(), {**stats, "best_epoch": 0, "epoch_scores": scores}
-    model.load_state_dict(best)
+    load_state(model, best)
     epoch = max(range(len(scores)), key=scores.__getitem__) + 1
     return model.eval(), {**stats, "best_epoch": epoch, "last_epoch_score": scores[-1], "epoch_scores": scores}

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 
 
@@ -79,7 +80,7 @@ def mean_model(states: list[Mapping[str, torch.Tensor]], ctx: MergeContext) -> n
     merge data as the pipeline's reset_bn would: aligners judge their candidates (CCA's γ, STE's permutation) as
     they would be used, and MergeMany's activation-based aligners see sensible units."""
     model = ctx.build_model()
-    model.load_state_dict(weighted_average(states, uniform_weights(len(states))))
+    load_state(model, weighted_average(states, uniform_weights(len(states))))
     if has_batchnorm(model):
         reset_bn(model, ctx.seeded_fit_batches())
     return model.eval()

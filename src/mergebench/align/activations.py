@@ -59,9 +59,11 @@ class GroupStats:
 DEAD_STD = 1e-6
 
 
-def dead_units(std: Tensor) -> Tensor:
-    """Which units are dead on the data (a boolean mask), relative to the largest std among them."""
-    return ~(std > DEAD_STD * std.max().clamp_min(torch.finfo(std.dtype).tiny))
+def dead_units(std: Tensor, reference: Tensor | float | None = None) -> Tensor:
+    """Which units are dead on the data (a boolean mask), relative to `reference`: by default the largest std among
+    them; a whole group whose signal vanished (rounding noise only) is dead against the network's largest."""
+    top = std.max() if reference is None else torch.as_tensor(reference, dtype=std.dtype, device=std.device)
+    return ~(std > DEAD_STD * top.clamp_min(torch.finfo(std.dtype).tiny))
 
 
 def _live_std(std: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from mergebench.align.activations import GroupStats, activation_stats
+from mergebench.align.activations import GroupStats, activation_stats, dead_units
 from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.align.weight_matching import parameters, rematch_by_weights
 from mergebench.context import MergeContext
@@ -75,14 +75,20 @@ def tied_units(corr: Tensor, cols: Tensor, live_a: Tensor, live_b: Tensor) -> Te
 def correlation_matching(stats: dict[str, GroupStats]) -> CorrelationMatch:
     """The permutation per group maximising the summed correlation of matched units."""
     perms, dead, tied, matched = {}, {}, {}, []
+    # a unit is dead against the network's largest std too: a group whose whole signal vanished into rounding (a
+    # random ImageNet net's last stage at 32×32) holds only noise, which correlates by chance
+    top_a = max((s.std_a.max().item() for s in stats.values()), default=0.0)
+    top_b = max((s.std_b.max().item() for s in stats.values()), default=0.0)
     for group, s in stats.items():
         corr = s.correlation().cpu()
         rows, cols = (torch.from_numpy(i) for i in linear_sum_assignment(corr.numpy(), maximize=True))
         perms[group] = cols
-        unplaced = s.dead_a.cpu()[rows] | s.dead_b.cpu()[cols]
+        dead_a = (s.dead_a | dead_units(s.std_a, top_a)).cpu()
+        dead_b = (s.dead_b | dead_units(s.std_b, top_b)).cpu()
+        unplaced = dead_a[rows] | dead_b[cols]
         if unplaced.any():
             dead[group] = rows[unplaced]
-        ties = tied_units(corr, cols, ~s.dead_a.cpu(), ~s.dead_b.cpu())
+        ties = tied_units(corr, cols, ~dead_a, ~dead_b)
         if ties.numel():
             tied[group] = ties
         matched.append(corr[rows[~unplaced], cols[~unplaced]])

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from mergebench.align.activations import stacked_moments
 from mergebench.align.registry import ALIGNERS, JointAligner, JointAlignment
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
@@ -310,7 +311,7 @@ def _merged_model(
     heads = []
     for state in states:
         head = ctx.build_model()
-        head.load_state_dict(state)
+        load_state(head, state)
         heads.append(head)
     return ZippedModel(merged, heads, cut).eval()
 

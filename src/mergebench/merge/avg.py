@@ -7,6 +7,7 @@ import dataclasses
 
 from torch import nn
 
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.registry import AGGREGATORS, Merged
@@ -31,5 +32,5 @@ class AvgParams:
 def aggregate_avg(params: AvgParams, models: list[nn.Module], ctx: MergeContext) -> Merged:
     weights = interpolation_weights(len(models), params.alpha)
     merged = ctx.build_model()
-    merged.load_state_dict(weighted_state(models, weights))
+    load_state(merged, weighted_state(models, weights))
     return Merged(merged, weights, {"alpha": weights[0]})

@@ -35,6 +35,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from mergebench.align.weight_matching import parameters
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.registry import STRATEGIES, Merged, Methods
@@ -252,7 +253,7 @@ def c2m3(params: C2M3Params, models: list[nn.Module], methods: Methods, ctx: Mer
     for k, model in enumerate(models[1:], start=1):
         transforms = {g: Transform.permutation(between(universe[0][g], universe[k][g])) for g in universe[k]}
         copy = ctx.build_model()
-        copy.load_state_dict(apply_transforms(model.state_dict(), ctx.spec, transforms))
+        load_state(copy, apply_transforms(model.state_dict(), ctx.spec, transforms))
         aligned.append(copy)
     diagnostics = {f"c2m3_{k}": v for k, v in info.items()}
     diagnostics["align_s"] = time.perf_counter() - start

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import nn
 
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
@@ -51,7 +52,7 @@ class FinetuneParams:
 def finetune(start: dict, lr: float, epochs: int, ctx: MergeContext) -> tuple[nn.Module, list[float]]:
     """A fresh model loaded with `start`, every weight trained with Adam on the merge data."""
     net = ctx.build_model()
-    net.load_state_dict(start)
+    load_state(net, start)
     net.train()
     losses = adam_epochs(
         net, net.parameters(), ctx.seeded_fit_batches(), lr=lr, epochs=epochs, label=f"Finetune lr={lr:g}"

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.registry import AGGREGATORS, Merged
@@ -108,7 +109,7 @@ def aggregate_fisher(params: FisherParams, models: list[nn.Module], ctx: MergeCo
     state = weighted_state(models, weights)  # buffers: the weighted average; parameters replaced below
     state.update(fisher_combine(sources, fishers, weights, params.eps))
     merged = ctx.build_model()
-    merged.load_state_dict(state)
+    load_state(merged, state)
     diagnostics = {
         "fisher_samples": used,
         "fisher_mass": [sum(f.sum().item() for f in fisher.values()) for fisher in fishers],

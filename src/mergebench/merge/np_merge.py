@@ -18,6 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.loop import learn_blend
@@ -139,7 +140,7 @@ def aggregate_np(params: NPParams, models: list[nn.Module], ctx: MergeContext) -
     fixed_weights = [params.init, 1.0 - params.init] if num_models == 2 else uniform_weights(num_models)
 
     net = ctx.build_model()
-    net.load_state_dict(weighted_state(models, fixed_weights))  # buffers; parameters come from the blend
+    load_state(net, weighted_state(models, fixed_weights))  # buffers; parameters come from the blend
     if ctx.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(ctx.device)
     losses = learn_blend(

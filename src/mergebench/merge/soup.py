@@ -14,6 +14,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.loop import learn_blend
@@ -67,7 +68,7 @@ class Soup:
 def aggregate_soup(params: SoupParams, models: list[nn.Module], ctx: MergeContext) -> Merged:
     soup = Soup([dict(m.named_parameters()) for m in models], params.granularity)
     net = ctx.build_model()
-    net.load_state_dict(weighted_state(models, uniform_weights(len(models))))  # buffers; parameters: the soup's
+    load_state(net, weighted_state(models, uniform_weights(len(models))))  # buffers; parameters: the soup's
     losses = learn_blend(
         net,
         soup.params,

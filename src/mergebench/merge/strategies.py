@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from mergebench.align.registry import Assemble, JointAligner
+from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.registry import STRATEGIES, Merged, Methods
@@ -62,7 +63,7 @@ def check_combination(strategy: str, num_models: int, agg_name: str, agg_params:
 def carry(model: nn.Module, transforms: dict[str, Transform], ctx: MergeContext) -> nn.Module:
     """A fresh copy of `model` with `transforms` applied to its weights."""
     copy = ctx.build_model()
-    copy.load_state_dict(apply_transforms(model.state_dict(), ctx.spec, transforms))
+    load_state(copy, apply_transforms(model.state_dict(), ctx.spec, transforms))
     return copy
 
 

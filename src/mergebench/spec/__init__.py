@@ -17,6 +17,7 @@ A core type: models state their spec, aligners, strategies and REPAIR read it, s
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -26,16 +27,23 @@ from torch import Tensor
 @dataclasses.dataclass(frozen=True)
 class Part:
     """`units` consecutive units of `group` (None: unpermuted) on an axis, from entry `offset` on, each unit
-    spread over `block` contiguous entries."""
+    spread over `block` contiguous entries; with a `stride`, unit i starts at entry offset + i·stride instead of
+    offset + i·block (a channel shuffle interleaves the units of several groups)."""
 
     group: str | None
     offset: int
     units: int
     block: int = 1
+    stride: int = 0  # 0: the units are contiguous (stride = block)
 
     @property
     def size(self) -> int:
         return self.units * self.block
+
+    def entries(self) -> Tensor:
+        """The axis entries of the part, unit by unit (each unit's `block` entries in a row)."""
+        step = self.stride or self.block
+        return (self.offset + torch.arange(self.units)[:, None] * step + torch.arange(self.block)).flatten()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +115,7 @@ class PermutationSpec:
             for axis in sorted(by_axis, reverse=True):  # from the last axis: a split never shifts one still to come
                 pieces = {
                     f"{key}#{k}": (
-                        tensor.narrow(axis, part.offset, part.size).unflatten(axis, (part.units, part.block)),
+                        _take(tensor, axis, part).unflatten(axis, (part.units, part.block)),
                         (*groups[:axis], part.group, None, *groups[axis + 1 :]),
                     )
                     for key, (tensor, groups) in pieces.items()
@@ -168,7 +176,9 @@ def apply_transforms(
     the variance of T·h if the units were uncorrelated — non-negative, but not the true variance, which needs
     the full covariance. Dense maps (CCA) are therefore meant for BN-free nets or to be followed by reset_bn.
     """
-    out: dict[str, Tensor] = {}
+    out: dict[str, Tensor] = OrderedDict()
+    if getattr(state, "_metadata", None) is not None:  # modules that read their version on load keep it
+        out._metadata = state._metadata
     for name, tensor in state.items():
         t = tensor
         variance = name.endswith("running_var")
@@ -182,18 +192,35 @@ def apply_transforms(
     return out
 
 
+def _take(t: Tensor, axis: int, part: Part) -> Tensor:
+    """The part's entries of axis `axis`, unit by unit."""
+    if not part.stride or part.stride == part.block:
+        return t.narrow(axis, part.offset, part.size)
+    return t.index_select(axis, part.entries().to(t.device))
+
+
 def _apply_parts(
     t: Tensor, axis: int, parts: tuple[Part, ...], transforms: Mapping[str, Transform], variance: bool
 ) -> Tensor:
-    """An axis made of parts: each part's units moved by its group's transform, blocks kept together."""
-    pieces = []
+    """An axis made of parts: each part's units moved by its group's transform, blocks kept together. Contiguous
+    parts are moved and concatenated in order (a transform may change a group's width: OT fusion); interleaved ones
+    (a `stride`) are moved in place."""
+    if all(not p.stride or p.stride == p.block for p in parts):
+        pieces = []
+        for part in parts:
+            piece = t.narrow(axis, part.offset, part.size)
+            if part.group in transforms:
+                units = piece.unflatten(axis, (part.units, part.block))
+                piece = _apply_axis(units, axis, transforms[part.group], variance).flatten(axis, axis + 1)
+            pieces.append(piece)
+        return torch.cat(pieces, dim=axis)
+    out = t.clone()
     for part in parts:
-        piece = t.narrow(axis, part.offset, part.size)
         if part.group in transforms:
-            units = piece.unflatten(axis, (part.units, part.block))
-            piece = _apply_axis(units, axis, transforms[part.group], variance).flatten(axis, axis + 1)
-        pieces.append(piece)
-    return torch.cat(pieces, dim=axis)
+            units = _take(t, axis, part).unflatten(axis, (part.units, part.block))
+            moved = _apply_axis(units, axis, transforms[part.group], variance).flatten(axis, axis + 1)
+            out.index_copy_(axis, part.entries().to(t.device), moved.to(out.dtype))
+    return out
 
 
 def random_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], seed: int) -> dict[str, Transform]:

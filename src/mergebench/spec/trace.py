@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import itertools
 import math
 import operator
 import re
@@ -51,6 +52,8 @@ from mergebench.spec import Part, PermutationSpec, ProbeView
 FIXED = 0
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
 Seg = tuple[int, int, int]  # (variable, units, block): `units` units of the variable, each over `block` entries
+# (variable, units, block, offset, step): a leaf placed on a parameter's axis, its entries `step` apart (1: in a row)
+Placed = tuple[int, int, int, int, int]
 
 
 class TraceError(ConfigError):
@@ -58,11 +61,14 @@ class TraceError(ConfigError):
 
 
 class _UnionFind:
-    """Axis variables; a root may be defined as consecutive segments of other variables (`defs`)."""
+    """Axis variables; a root may be defined as consecutive segments of other variables (`defs`), or as their units
+    interleaved (`inter`: a channel shuffle's output, entry u·g + s is unit u of member s; the last round may be
+    partial, so the members' unit counts are non-increasing and differ by at most one)."""
 
     def __init__(self) -> None:
         self.parent = [FIXED]
         self.defs: dict[int, tuple[Seg, ...]] = {}
+        self.inter: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # root -> (its g members, their units)
         self.conflicts = 0  # pairings of units that could not be made (counted, so the op behind them is named)
 
     def new(self) -> int:
@@ -92,13 +98,44 @@ class _UnionFind:
         root = self.find(var)
         if root == FIXED:
             return [(FIXED, units * block, 1)]
-        if root not in self.defs:
+        if root not in self.defs:  # undefined, or interleaved: a whole leaf (cut through `_take`)
             return [(root, units, block)]
         return [leaf for v, u, k in self.defs[root] for leaf in self.leaves(v, u, k * block)]
+
+    def placed(self, var: int, units: int, block: int = 1, offset: int = 0, step: int = 1) -> list[Placed] | None:
+        """`leaves`, each with the axis entry it starts at and the distance between its entries: an interleaved
+        variable's members are placed `g` times further apart. None where a unit's block would be spread out (a
+        multi-entry unit inside an interleaved axis): no part can say that."""
+        root = self.find(var)
+        if root == FIXED:
+            return [(FIXED, units * block, 1, offset, step)]
+        if root in self.inter:
+            members, counts = self.inter[root]
+            if block != 1:
+                return None
+            out: list[Placed] = []
+            for s, (member, n) in enumerate(zip(members, counts)):
+                found = self.placed(member, n, 1, offset + s * step, len(members) * step) if n else []
+                if found is None:
+                    return None
+                out += found
+            return out
+        if root in self.defs:
+            out, position = [], 0
+            for v, u, k in self.defs[root]:
+                found = self.placed(v, u, k * block, offset + position * step, step)
+                if found is None:
+                    return None
+                out += found
+                position += u * k * block
+            return out
+        return None if step != 1 and block != 1 else [(root, units, block, offset, step)]
 
     def leaf_roots(self, var: int) -> list[int]:
         """The undefined roots `var` is made of, in order (repeated where a segment repeats)."""
         root = self.find(var)
+        if root in self.inter:
+            return [r for m in self.inter[root][0] for r in self.leaf_roots(m)]
         return [r for v, _, _ in self.defs[root] for r in self.leaf_roots(v)] if root in self.defs else [root]
 
     def fixed(self, var: int) -> bool:
@@ -111,6 +148,8 @@ class _UnionFind:
             self.parent[root] = FIXED
             for v, _, _ in self.defs.pop(root, ()):
                 self.fix(v)
+            for m in self.inter.pop(root, ((), 0))[0]:
+                self.fix(m)
 
     def union(self, a: int, b: int) -> None:
         ra, rb = self.find(a), self.find(b)
@@ -124,6 +163,9 @@ class _UnionFind:
             self.fix(ra)
             self.fix(rb)
             return
+        if ra in self.inter or rb in self.inter:
+            self._union_interleaved(*((ra, rb) if ra in self.inter else (rb, ra)))
+            return
         da, db = self.defs.pop(ra, None), self.defs.pop(rb, None)
         low, high = sorted((ra, rb))  # FIXED (0) stays a root
         self.parent[high] = low
@@ -133,6 +175,69 @@ class _UnionFind:
             return
         self.defs[low] = da
         self._align([leaf for s in da for leaf in self.leaves(*s)], [leaf for s in db for leaf in self.leaves(*s)])
+
+    def interleave(self, members: Sequence[int], counts: Sequence[int]) -> int:
+        """The variable whose entry u·g + s is unit u of `members[s]` (`counts[s]` units; g members)."""
+        if all(self.fixed(m) for m in members):
+            return FIXED
+        var = self.new()
+        self.inter[var] = (tuple(members), tuple(counts))
+        return var
+
+    def cut(self, var: int, sizes: Sequence[int]) -> list[int]:
+        """`var` (single-entry units) cut into consecutive pieces of `sizes` entries, a variable each (FIXED where
+        empty). An interleaved variable is cut member by member, so each piece interleaves the members' pieces,
+        starting with the member whose unit comes first in it."""
+        root = self.find(var)
+        if root == FIXED:
+            return [FIXED] * len(sizes)
+        if root not in self.inter:
+            pieces = [self.new() if n > 0 else FIXED for n in sizes]
+            self.union(root, self.define([(p, n, 1) for p, n in zip(pieces, sizes)]))
+            return pieces
+        members, counts = self.inter[root]
+        g = len(members)
+
+        def before(s: int, entry: int) -> int:  # units of member s at entries < entry
+            return max(0, min(counts[s], -(-(entry - s) // g)))
+
+        bounds = [sum(sizes[:k]) for k in range(len(sizes) + 1)]
+        shares = [[before(s, hi) - before(s, lo) for lo, hi in itertools.pairwise(bounds)] for s in range(g)]
+        per_member = [self.cut(m, shares[s]) for s, m in enumerate(members)]
+        pieces = []
+        for k, lo in enumerate(bounds[:-1]):
+            order = [(lo + i) % g for i in range(g)]
+            pieces.append(self.interleave([per_member[s][k] for s in order], [shares[s][k] for s in order]))
+        return pieces
+
+    def _union_interleaved(self, ra: int, rb: int) -> None:
+        """Join an interleaved root `ra` with `rb`: member by member where `rb` interleaves alike, by aliasing where
+        `rb` is undefined, piece by piece where `rb` is single-entry segments that cut `ra` between rounds; anything
+        else cannot be paired unit by unit (fixed, counted)."""
+        members, counts = self.inter[ra]
+        if rb in self.inter:
+            other, other_counts = self.inter[rb]
+            if len(other) == len(members) and other_counts == counts:
+                del self.inter[rb]
+                self.parent[rb] = ra
+                for m, n in zip(members, other):
+                    self.union(m, n)
+                return
+        elif rb not in self.defs:
+            self.parent[rb] = ra
+            return
+        else:
+            segs = self.defs[rb]
+            if all(k == 1 for _, _, k in segs):
+                pieces = self.cut(ra, [u for _, u, _ in segs])
+                del self.defs[rb]
+                self.parent[rb] = self.find(ra)
+                for piece, (v, _, _) in zip(pieces, segs):
+                    self.union(piece, v)
+                return
+        self.conflicts += 1
+        self.fix(ra)
+        self.fix(rb)
 
     def _align(self, xs: list[Seg], ys: list[Seg]) -> None:
         """Join two expansions of one axis entry by entry, cutting a segment where the other has a boundary; a
@@ -157,6 +262,10 @@ class _UnionFind:
                 self.fix(first_c)
             elif ka == kc:
                 self.union(first_a, first_c)
+            elif self.find(first_a) in self.inter:  # interleaved single entries cannot be blocks of another's units
+                self.conflicts += 1
+                self.fix(first_a)
+                self.fix(first_c)
             else:
                 self.defs[first_a] = ((first_c, size // kc, kc // ka),)
         for stack in (xs, ys):
@@ -176,6 +285,15 @@ class _UnionFind:
         var, total, block = leaf
         if units == total:
             return var
+        if self.find(var) in self.inter:
+            if block == 1:
+                pieces = self.cut(var, [units, total - units])
+            else:  # interleaved single entries cannot be cut into blocks
+                self.conflicts += 1
+                self.fix(var)
+                pieces = [FIXED, FIXED]
+            stack.append((pieces[1], total - units, block))
+            return pieces[0]
         rest = FIXED if var == FIXED else self.new()
         stack.append((rest, total - units, block))
         if var == FIXED:
@@ -289,9 +407,7 @@ class _Builder:
         """The axis `d` cut into consecutive pieces of `sizes` units, each a variable of its own (FIXED if `d` is)."""
         if self.uf.fixed(d):
             return [FIXED] * len(sizes)
-        pieces = [self.uf.new() if n > 0 else FIXED for n in sizes]
-        self.join(d, self.uf.define([(p, n, 1) for p, n in zip(pieces, sizes)]))
-        return pieces
+        return self.uf.cut(d, sizes)
 
     def param(self, name: str) -> list[int]:
         """One variable per axis of a parameter or buffer, by its state-dict name (tied tensors share them)."""
@@ -402,12 +518,31 @@ class _Builder:
         sizes = [n for _, n in ins]
         if not free:
             return FIXED
+        shuffled = self._shuffle(ins)
+        if shuffled is not None:
+            return shuffled
         if len(free) == 1:
             p = free[0]
             return self.uf.define([(ins[p][0], sizes[p], math.prod(sizes[p + 1 :]))] * math.prod(sizes[:p]))
         var = self.uf.new()
         self.products.append(_Product(var, tuple(d for d, _ in ins), tuple(sizes), node))
         return var
+
+    def _shuffle(self, ins: Sequence[tuple[int, int]]) -> int | None:
+        """A channel shuffle (ShuffleNet): an axis viewed as g × n, transposed to n × g and merged again interleaves
+        its g consecutive pieces (entry u·g + s = unit u of piece s), which keeps every piece's units permuted on
+        their own, instead of a product of which only one factor could stay permuted."""
+        if len(ins) != 2:
+            return None
+        (inner, n), (outer, g) = ins
+        product = next((p for p in self.products if p.factors == (outer, inner) and p.sizes == (g, n)), None)
+        if product is None:
+            return None
+        self.products.remove(product)
+        pieces = self.segments(product.var, [n] * g)
+        for factor in product.factors:  # the g × n view itself is gone once merged back
+            self.fix(factor)
+        return self.uf.interleave(pieces, [n] * g)
 
     def split(self, node: fx.Node, d: int, sizes: Sequence[int]) -> list[int]:
         """The axes (of `sizes` units, outer to inner) a view cuts the axis `d` into: a product resolved later."""
@@ -1029,26 +1164,25 @@ def _assemble(b: _Builder, state: dict[str, Tensor]) -> tuple[PermutationSpec, s
     labels: set[str] = set()
     for producer_only in (True, False):
         for name, per_axis in leaves.items():
-            for axis, segs in enumerate(per_axis):
+            for axis, placed in enumerate(per_axis):
                 if producer_only and axis != 0:
                     continue
-                offset = 0
-                for var, units, block in segs:
+                for var, units, block, offset, step in placed:
                     if var in active and units > 1 and var not in group_names:
                         label = name.rsplit(".", 1)[0] if axis == 0 and "." in name else f"{name}:{axis}"
-                        label += f"[{offset}:{offset + units * block}]" if len(segs) > 1 else ""
+                        end = offset + (units - 1) * step * block + block
+                        label += f"[{offset}:{end}{'' if step == 1 else f':{step}'}]" if len(placed) > 1 else ""
                         while label in labels:
                             label += "'"
                         group_names[var] = label
                         labels.add(label)
-                    offset += units * block
     axes: dict[str, tuple[str | None, ...]] = {}
     parts: dict[str, dict[int, tuple[Part, ...]]] = {}
     for name, per_axis in leaves.items():
         groups: list[str | None] = []
-        for axis, segs in enumerate(per_axis):
-            found = _parts(segs, group_names)
-            plain = len(found) == 1 and found[0].block == 1
+        for axis, placed in enumerate(per_axis):
+            found = _parts(placed, group_names)
+            plain = len(found) == 1 and found[0].block == 1 and not found[0].stride
             groups.append(found[0].group if plain else None)
             if not plain and any(p.group is not None for p in found):
                 parts.setdefault(name, {})[axis] = found
@@ -1074,40 +1208,48 @@ def _assemble(b: _Builder, state: dict[str, Tensor]) -> tuple[PermutationSpec, s
     return PermutationSpec(axes=axes, probes=probes_found, parts=parts, probe_views=views), set(group_names)
 
 
-def _param_leaves(b: _Builder, state: dict[str, Tensor]) -> dict[str, list[list[Seg]]]:
-    """Every state tensor's axes as leaves (one FIXED segment for a tensor the graph never read). A variable whose
-    segments do not add up to its axis's size (a rule's mistake) is fixed and named in a warning, never turned into
-    a wrong spec."""
+def _param_leaves(b: _Builder, state: dict[str, Tensor]) -> dict[str, list[list[Placed]]]:
+    """Every state tensor's axes as placed leaves (one FIXED leaf for a tensor the graph never read). A variable
+    whose segments do not add up to its axis's size (a rule's mistake), or that no part can place, is fixed and
+    named in a warning, never turned into a wrong spec."""
     while True:
-        out: dict[str, list[list[Seg]]] = {}
+        out: dict[str, list[list[Placed]]] = {}
+        wrong: list[int] = []
         for name, tensor in state.items():
             variables = b.param_vars.get(b.names.get(id(tensor), name))
-            out[name] = [
-                [(FIXED, n, 1)] if variables is None else b.uf.leaves(variables[axis], n)
+            axes = [
+                [(FIXED, n, 1, 0, 1)] if variables is None else b.uf.placed(variables[axis], n)
                 for axis, n in enumerate(tensor.shape)
             ]
-            wrong = [ax for ax, segs in enumerate(out[name]) if sum(u * k for _, u, k in segs) != tensor.shape[ax]]
+            wrong = [
+                ax
+                for ax, leaves in enumerate(axes)
+                if leaves is None or sum(u * k for _, u, k, _, _ in leaves) != tensor.shape[ax]
+            ]
             if wrong:
                 break
+            out[name] = axes
         else:
             return out
         b.uf.fix(variables[wrong[0]])
         b.warnings.append(f"{name} axis {wrong[0]}: its traced segments do not add up to its size: left unpermuted")
 
 
-def _parts(segs: Sequence[Seg], group_names: dict[int, str]) -> tuple[Part, ...]:
-    """An axis's leaves as the spec's parts: each group at its offset, runs of unpermuted entries as one part."""
+def _parts(leaves: Sequence[Placed], group_names: dict[int, str]) -> tuple[Part, ...]:
+    """An axis's placed leaves as the spec's parts: each group at its offset (a stride where interleaved), runs of
+    unpermuted entries in a row as one part."""
     out: list[Part] = []
-    offset = 0
-    for var, units, block in segs:
+    for var, units, block, offset, step in leaves:
         group = group_names.get(var) if units > 1 else None
+        stride = 0 if step == 1 else step
         if group is not None:
-            out.append(Part(group, offset, units, block))
-        elif out and out[-1].group is None:
+            out.append(Part(group, offset, units, block, stride))
+        elif stride:
+            out.append(Part(None, offset, units * block, 1, stride))
+        elif out and out[-1].group is None and not out[-1].stride and out[-1].offset + out[-1].size == offset:
             out[-1] = Part(None, out[-1].offset, out[-1].units + units * block)
         else:
             out.append(Part(None, offset, units * block))
-        offset += units * block
     return tuple(out)
 
 
