@@ -22,12 +22,12 @@ from rich.table import Table
 from torch import nn
 
 from mergebench.align.activations import stacked_moments
+from mergebench.align.c2m3 import universe_matching
 from mergebench.align.ot import ot_fusion
 from mergebench.align.permute import correlation_matching
 from mergebench.align.weight_matching import parameters
 from mergebench.align.zipit import zip_features
 from mergebench.bench_record import write_record
-from mergebench.merge.c2m3 import universe_matching
 from mergebench.models import MODELS, ModelInput
 
 CIFAR = ModelInput(channels=3, size=32, num_classes=10)

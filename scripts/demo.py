@@ -36,7 +36,7 @@ METHODS = [
     ["align=permute", "agg=soup"],
     ["align=ot", "agg=avg"],
     ["align=zipit", "agg=avg"],
-    ["strategy=c2m3", "agg=avg"],
+    ["align=c2m3", "agg=avg"],
 ]
 
 

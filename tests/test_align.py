@@ -330,7 +330,7 @@ def test_cca_searches_gamma_on_validation_data_of_a_bn_net() -> None:
     model_b = with_state(model_a, apply_transforms(state, spec, random_permutations(spec, state, seed=1)))
     ctx = fake_context(model_a, 1, 8)
     entry = ALIGNERS.get("cca")
-    alignment = entry.factory(to_dataclass(entry.params, {}, "align"), model_a, model_b, ctx)
+    alignment = entry.factory(to_dataclass(entry.params, {}, "align"), [model_a, model_b], ctx)
     diagnostics = alignment.diagnostics
     assert diagnostics["gamma"] in CCAParams().gamma_grid and diagnostics["gamma_searched"]
     assert diagnostics["select_on"] == "val"

@@ -68,8 +68,8 @@ def digit_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, nn.
 
 def merge_data_loss(model_a: nn.Module, model_b: nn.Module, ctx: MergeContext, aligner: str, **params: object) -> dict:
     entry = ALIGNERS.get(aligner)
-    alignment = entry.factory(to_dataclass(entry.params, params, "align"), model_a, model_b, ctx)
-    aligned = apply_transforms(model_b.state_dict(), ctx.spec, alignment.transforms)
+    alignment = entry.factory(to_dataclass(entry.params, params, "align"), [model_a, model_b], ctx)
+    aligned = apply_transforms(model_b.state_dict(), ctx.spec, alignment.transforms[1])
     merged = mean_model([model_a.state_dict(), aligned], ctx)
     return {**evaluate_batches(merged, ctx.fit_batches(batch_size=1000)), **alignment.diagnostics}
 

@@ -92,11 +92,7 @@ CASES: list[tuple[str, Setup, str]] = [
         lambda t: ["align=zipit", "align.stop_at=h0", "strategy=pairwise", "data.num_models=4"],
         "align.stop_at (partial zipping) leaves one head per model",
     ),
-    (
-        "c2m3-with-an-aligner",
-        lambda t: ["strategy=c2m3", "align=permute"],
-        "strategy=c2m3 matches the models itself (data-free, all at once) and would ignore align=permute",
-    ),
+    ("c2m3-iterations", lambda t: ["align=c2m3", "align.max_iter=0"], "align.max_iter=0 must be >= 1"),
     ("sweep-trailing-comma", lambda t: ["-m", "seed=0,"], "a sweep ends with a comma; list values as seed=a,b"),
     ("path-special-characters", lambda t: ["data.root=/tmp/a b(1)"], "quote a value with spaces"),
     ("path-non-ascii", lambda t: ["data.root=/tmp/données ünï"], "quote a value with spaces"),

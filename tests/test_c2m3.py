@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align import ALIGNERS
+from mergebench.align.c2m3 import between, universe_matching
 from mergebench.align.weight_matching import parameters
 from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
-from mergebench.merge.c2m3 import between, universe_matching
 from mergebench.merge.registry import Methods
 from mergebench.merge.strategies import StrategyParams
 from mergebench.models import MODELS, ModelInput
@@ -101,11 +101,14 @@ def component(registry, name: str, **params) -> Component:
     return Component(name, entry.factory, parsed)
 
 
-def test_the_strategy_aligns_every_model_to_model_0_through_the_universe() -> None:
+def test_the_aligner_carries_every_model_to_model_0_through_the_universe() -> None:
+    """Registered as a joint aligner: all_to_one runs it on the K models at once, model 0 stays as it is."""
     ctx = digits_context(lambda: mlp(0))
     models = [mlp(s) for s in range(3)]
-    methods = Methods(component(ALIGNERS, "identity"), component(AGGREGATORS, "avg"), component(REPAIRS, "none"))
-    merged = STRATEGIES.get("c2m3").factory(StrategyParams(max_iter=50), models, methods, ctx)
+    methods = Methods(
+        component(ALIGNERS, "c2m3", max_iter=50), component(AGGREGATORS, "avg"), component(REPAIRS, "none")
+    )
+    merged = STRATEGIES.get("all_to_one").factory(StrategyParams(), models, methods, ctx)
     aligned = merged.aligned_to_first
     assert len(aligned) == 3 and aligned[0] is models[0]
     universe, _ = universe_matching(ctx.spec, [parameters(m) for m in models], max_iter=50)
@@ -115,12 +118,12 @@ def test_the_strategy_aligns_every_model_to_model_0_through_the_universe() -> No
     mean = {n: sum(m.state_dict()[n] for m in aligned) / 3 for n in expected}
     assert all(torch.allclose(merged.model.state_dict()[n], v) for n, v in mean.items())
     d = merged.diagnostics
-    assert d["c2m3_iterations"] == len(d["c2m3_history"]) - 1 and d["align_s"] > 0 and "agg_s" in d
+    assert d["align_iterations"] == len(d["align_history"]) - 1 and d["align_s"] > 0 and "agg_s" in d
 
 
 def test_c2m3_with_four_models_runs_end_to_end(tmp_path: Path) -> None:
     args = [
-        "strategy=c2m3",
+        "align=c2m3",
         "data.num_models=4",
         "dataset=digits",
         "model=mlp",

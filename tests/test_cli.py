@@ -31,7 +31,7 @@ def results_of(cwd: Path) -> pd.DataFrame:
 
 
 BAD_INPUT = [
-    pytest.param(["align=foo"], "align='foo' is not known; allowed: cca, identity", id="unknown-group-option"),
+    pytest.param(["align=foo"], "align='foo' is not known; allowed: c2m3, cca, identity", id="unknown-group-option"),
     pytest.param(
         ["dataset=imagenet"],
         "dataset='imagenet' is not known; did you mean imagenet200? allowed: cifar10, cifar100, digits",
@@ -67,7 +67,7 @@ BAD_INPUT = [
     ),
     pytest.param(["traim.epochs=3"], "traim.epochs is not a known key; did you mean train.epochs?", id="section-typo"),
     pytest.param(["+sed=1"], "sed is not a known key; did you mean seed? allowed: agg,", id="added-key-typo"),
-    pytest.param(["align=permut"], "align='permut' is not known; did you mean permute? allowed: cca", id="option-typo"),
+    pytest.param(["align=permut"], "did you mean permute? allowed: c2m3, cca", id="option-typo"),
     pytest.param(["train.optimizer=adma"], "train.optimizer='adma' is not known; did you mean adam?", id="value-typo"),
     pytest.param(
         ["-m", "seed=0,1", "hydra/launcher=basci"],

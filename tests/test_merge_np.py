@@ -287,3 +287,13 @@ def test_a_run_with_np_saves_alpha_beside_its_results(tmp_path) -> None:
     alphas = torch.load(tmp_path / "np_alpha.pt")
     assert alphas["layers.0.weight"].shape == (32, 64)
     assert "np_alpha_stats" in merged.diagnostics.iloc[0]
+
+
+def test_one_selection_rule_ranks_accuracy_then_loss_and_never_picks_a_blown_up_candidate() -> None:
+    """CCA's γ, ZipIt!'s α/β and fine-tuning's learning rate are all picked by `selection_key`."""
+    from mergebench.evaluate import selection_key
+
+    blown = {"top1": 99.0, "loss": float("nan")}
+    candidates = [{"top1": 50.0, "loss": 2.0}, {"top1": 50.0, "loss": 1.0}, blown, {"top1": 10.0, "loss": 0.1}]
+    assert max(candidates, key=selection_key) == {"top1": 50.0, "loss": 1.0}
+    assert selection_key({"top1": 0.0, "loss": 1e9}) > selection_key({"top1": 100.0, "loss": float("inf")})

@@ -59,16 +59,16 @@ def test_exact_ot_undoes_planted_permutations_from_weights_and_from_activations(
     model_b.load_state_dict(apply_transforms(model_a.state_dict(), spec, planted))
     x = next(iter(ctx.fit_batches()))[0]
     for cost in ("weights", "acts"):
-        alignment = ALIGNERS.get("ot").factory(OTParams(cost=cost), model_a, model_b, ctx)
+        alignment = ALIGNERS.get("ot").factory(OTParams(cost=cost), [model_a, model_b], ctx)
         assert alignment.diagnostics["cost"] == cost
         assert alignment.diagnostics["transport_cost"] == pytest.approx(0.0, abs=1e-9)
         aligned = deepcopy(model_a)
-        aligned.load_state_dict(apply_transforms(model_b.state_dict(), spec, alignment.transforms))
+        aligned.load_state_dict(apply_transforms(model_b.state_dict(), spec, alignment.transforms[1]))
         with torch.no_grad():  # on the merge data, units dead in A and B alike may be matched to any dead unit
             torch.testing.assert_close(aligned(x), model_a(x))
         if cost == "weights":
             for group, tf in planted.items():
-                assert alignment.transforms[group].perm.equal(torch.argsort(tf.perm)), group
+                assert alignment.transforms[1][group].perm.equal(torch.argsort(tf.perm)), group
 
 
 def test_b_wider_than_a_gives_a_model_of_a_widths_that_runs() -> None:

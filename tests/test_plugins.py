@@ -60,7 +60,7 @@ import dataclasses
 
 import torch
 
-from mergebench.align.registry import ALIGNERS, Alignment
+from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
 from mergebench.spec import Transform
 
 
@@ -70,11 +70,12 @@ class ReverseParams:
 
 
 @ALIGNERS.register("reverse", ReverseParams, label="Reverse", abbrev="R")
+@pairwise_aligner
 def align_reverse(params, ref, other, ctx):
     state = other.state_dict()
     groups = ctx.spec.groups[: params.groups]
     flips = {g: Transform.permutation(torch.arange(ctx.spec.group_size(g, state)).flip(0)) for g in groups}
-    return Alignment(flips, {"reversed": len(flips)})
+    return PairAlignment(flips, {"reversed": len(flips)})
 '''
 
 

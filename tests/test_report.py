@@ -259,9 +259,9 @@ def test_coreset_reference_trains_on_exactly_the_merge_data_and_fills_its_row(
 
 
 def test_a_strategy_that_matches_by_itself_names_the_merge() -> None:
-    assert method_label("identity", "avg", "none", "c2m3") == "C2M3"
-    assert method_label("permute", "np", "repair", "c2m3") == "NP-C2M3 + REPAIR"
-    assert method_label("permute", "np", "reset_bn", "pairwise") == "NP-P"
+    assert method_label("c2m3", "avg", "none") == "C2M3"
+    assert method_label("c2m3", "np", "repair") == "NP-C2M3 + REPAIR"
+    assert method_label("permute", "np", "reset_bn") == "NP-P"
     assert method_label("permute", "fisher", "none") == "Fisher-P" and method_label("ot", "soup", "none") == "Soup-OT"
 
 

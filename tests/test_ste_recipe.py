@@ -37,7 +37,7 @@ def ste(**params: object) -> dict:
     model_a = build("mlp", {"hidden": [16, 16]}, 1, 8, "none", seed=0)
     model_b = build("mlp", {"hidden": [16, 16]}, 1, 8, "none", seed=1)
     values = to_dataclass(STEParams, {"epochs": 2, "lr": 0.05, **params}, "align")
-    return ALIGNERS.get("ste").factory(values, model_a, model_b, fake_context(model_a, 1, 8)).diagnostics
+    return ALIGNERS.get("ste").factory(values, [model_a, model_b], fake_context(model_a, 1, 8)).diagnostics
 
 
 def test_ste_weight_decay_momentum_and_schedule_change_the_run() -> None:

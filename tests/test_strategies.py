@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mergebench.align import ALIGNERS
-from mergebench.align.registry import Alignment
+from mergebench.align.registry import PairAlignment, pairwise_aligner
 from mergebench.config import Component
 from mergebench.data.merge_data import MergeData
 from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
@@ -35,11 +35,11 @@ class Counting:
         self.agg_calls: list[list[nn.Module]] = []
         self.permute = permute
 
-    def align(self, params: None, ref: nn.Module, other: nn.Module, ctx) -> Alignment:
+    def align_pair(self, params: None, ref: nn.Module, other: nn.Module, ctx) -> PairAlignment:
         self.align_calls.append((ref, other))
         if not self.permute:
-            return Alignment({})
-        return Alignment(random_permutations(ctx.spec, other.state_dict(), len(self.align_calls)))
+            return PairAlignment({})
+        return PairAlignment(random_permutations(ctx.spec, other.state_dict(), len(self.align_calls)))
 
     def aggregate(self, params: AvgParams, models: list[nn.Module], ctx):
         self.agg_calls.append(list(models))
@@ -48,7 +48,7 @@ class Counting:
     def methods(self) -> Methods:
         repair = SimpleNamespace(factory=REPAIRS.get("none").factory, params=None)
         return Methods(
-            SimpleNamespace(factory=self.align, params=None),
+            SimpleNamespace(factory=pairwise_aligner(self.align_pair), params=None),
             SimpleNamespace(factory=self.aggregate, params=AvgParams()),
             repair,
         )
@@ -141,7 +141,7 @@ def test_every_aligner_aggregator_and_strategy_combination_merges(align: str, ag
 def test_unknown_strategy_and_bad_rounds_fail_clearly() -> None:
     from mergebench.errors import ConfigError
 
-    allowed = "all_to_one, c2m3, merge_many, pairwise"
+    allowed = "all_to_one, merge_many, pairwise"
     with pytest.raises(ConfigError, match=rf"^strategy='star' is not known; allowed: {allowed}"):
         STRATEGIES.parse({"name": "star"}, "strategy")
     with pytest.raises(ConfigError, match=r"^strategy.rounds=0 must be >= 1"):

@@ -348,7 +348,6 @@ def test_merging_a_planted_copy_gives_model_a_back(arch: str, method: str) -> No
     data = (x * 2 + 1, torch.randint(0, 10, (len(x),)))
     options = {
         "zipit": {"align": "zipit", "align_params": {"alpha": 0.3, "beta": 0.0}},
-        "c2m3": {"align": "identity", "strategy": "c2m3"},
     }.get(method, {"align": method})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

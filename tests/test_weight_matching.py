@@ -44,8 +44,8 @@ def with_running_stats(model: nn.Module, scale: float, seed: int) -> nn.Module:
 def align(ref: nn.Module, other: nn.Module, seed: int = 0) -> tuple[dict[str, Tensor], dict]:
     """Through the registered aligner, as a run calls it."""
     ctx = types.SimpleNamespace(spec=ref.permutation_spec(), seed=seed)
-    alignment = align_weight_matching(WeightMatchingParams(), ref, other, ctx)
-    return {g: t.perm for g, t in alignment.transforms.items()}, alignment.diagnostics
+    alignment = align_weight_matching(WeightMatchingParams(), [ref, other], ctx)
+    return {g: t.perm for g, t in alignment.transforms[1].items()}, alignment.diagnostics
 
 
 def scored(spec: PermutationSpec, state_a: dict[str, Tensor], state_b: dict[str, Tensor], perms: dict) -> float:

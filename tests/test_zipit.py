@@ -12,7 +12,7 @@ from torch import nn
 
 from mergebench.align import ALIGNERS
 from mergebench.align.activations import activation_stats
-from mergebench.align.registry import JointAlignment
+from mergebench.align.registry import Alignment
 from mergebench.align.zipit import ZipItParams, ZippedModel, zip_features
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
@@ -38,9 +38,9 @@ def zipit(models: list[nn.Module], ctx: MergeContext, **params: object) -> Merge
     return all_to_one(StrategyParams(), models, methods, ctx)
 
 
-def joint(models: list[nn.Module], ctx: MergeContext, **params: object) -> JointAlignment:
+def joint(models: list[nn.Module], ctx: MergeContext, **params: object) -> Alignment:
     entry, parsed = ALIGNERS.parse({"name": "zipit", **params})
-    return entry.factory.align(parsed, models, ctx)
+    return entry.factory(parsed, models, ctx)
 
 
 def assert_no_dead_units(model: nn.Module, ctx: MergeContext) -> None:
@@ -195,12 +195,14 @@ def test_alpha_and_beta_are_chosen_on_the_validation_carve_out() -> None:
     assert fixed["beta"] == 0.0 and fixed["candidates"] == 1
 
 
-def test_the_one_pair_contract_is_refused_not_approximated() -> None:
-    """ZipIt! moves model 0 too: called as a B-into-A aligner it stops and names the entry point."""
-    mlp = build(*MLP, "none", seed=5)
-    entry, parsed = ALIGNERS.parse({"name": "zipit"})
-    with pytest.raises(TypeError, match="align_all"):
-        entry.factory(parsed, mlp, mlp, fake_context(mlp, 1, 8))
+def test_zipit_moves_model_0_too_under_the_one_aligner_contract() -> None:
+    """Every aligner takes the K models and returns a transform per model: ZipIt!'s moves model 0 too (a shared
+    basis), so it says it does not keep the first model, and MergeMany runs it on all models at once."""
+    mlp_a, mlp_b = build(*MLP, "none", seed=5), build(*MLP, "none", seed=6)
+    result = joint([mlp_a, mlp_b], fake_context(mlp_a, 1, 8), alpha=0.3, beta=0.0)
+    assert len(result.transforms) == 2 and result.transforms[0] and result.transforms[1]
+    assert ALIGNERS.get("zipit").factory.keeps_first is False
+    assert ALIGNERS.get("permute").factory.keeps_first is True and ALIGNERS.get("c2m3").factory.keeps_first is True
 
 
 def test_bad_parameters_are_one_line_errors() -> None:

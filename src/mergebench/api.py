@@ -51,7 +51,7 @@ NEEDS_DATA = {
     "repair": ("repair", "reset_bn"),
 }
 DATA_FORMS = "data=(inputs, labels), a DataLoader or an iterable of (inputs, labels) batches"
-DATA_FREE = "align=weight_matching, identity or ot; strategy=c2m3; agg=avg; repair=none"
+DATA_FREE = "align=weight_matching, identity, ot or c2m3; agg=avg; repair=none"
 SIDES = (32, 28, 224)  # image sides tried for a conv net's random check inputs (CIFAR, MNIST, ImageNet), in order
 SHAPE_EXAMPLE = "example_inputs=<a batch of inputs, or its shape such as (1, 3, 32, 32)>"
 
@@ -277,11 +277,6 @@ def merge(
         _choose(REPAIRS, repair, repair_params, "repair"),
     )
     chosen = _choose(STRATEGIES, strategy, None, "strategy")
-    if chosen.name == "c2m3" and methods.align.name != "identity":  # as the CLI refuses it (config.validate)
-        raise ConfigError(
-            f"strategy=c2m3 matches the models itself (data-free, all at once) and would ignore align={align}: "
-            "use align=identity with it"
-        )
     check_combination(chosen.name, len(models), methods.agg.name, methods.agg.params)
     if data is None:
         for key, component in zip(NEEDS_DATA, (methods.align, methods.agg, methods.repair), strict=True):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -33,6 +34,14 @@ def evaluate_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]])
     """Eval-mode top-1, top-5 and mean cross-entropy over `batches` (where merge methods select or score)."""
     logits, labels = logits_and_labels(model, batches)
     return metrics(torch.cat(logits), torch.cat(labels))
+
+
+def selection_key(result: dict[str, float]) -> tuple[float, float]:
+    """How candidates (CCA's γ, ZipIt!'s α/β, fine-tuning's learning rate) are ranked on the selection data:
+    accuracy first, then loss; a candidate that blows the merge up (non-finite loss) never wins."""
+    if not math.isfinite(result["loss"]):
+        return (-math.inf, -math.inf)
+    return (result["top1"], -result["loss"])
 
 
 def metrics(logits: Tensor, labels: Tensor) -> dict[str, float]:

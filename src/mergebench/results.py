@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mergebench.align import ALIGNERS
 from mergebench.cache import atomic_write_text
-from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
+from mergebench.merge import AGGREGATORS, REPAIRS
 
 COLUMNS = [
     "run_id", "experiment", "dataset", "split", "arch", "width", "norm", "num_models", "seed",
@@ -29,16 +29,12 @@ METHOD_ORDER = [
 ]  # fmt: skip
 
 
-def method_label(align: str, agg: str, repair: str, strategy: str = "all_to_one") -> str:
+def method_label(align: str, agg: str, repair: str) -> str:
     """The papers' name for a merge ('Permute', 'NP-P', 'Finetune-WM + REPAIR') from the names each component
-    registered with (`Entry.label`); a component without one is named by its config name. A strategy that
-    registered a label does its own matching (C2M3), so it names the merge in the aligner's place."""
+    registered with (`Entry.label`); a component without one is named by its config name."""
     aligner, aggregator, fix = ALIGNERS.get(align), AGGREGATORS.get(agg), REPAIRS.get(repair)
-    matcher = STRATEGIES.get(strategy)
-    if matcher.label is None:
-        matcher = dataclasses.replace(aligner, label=aligner.label or align, abbrev=aligner.abbrev or align)
     label = (aggregator.label or f"{agg}-{{abbrev}}").format(
-        align=matcher.label, abbrev=matcher.abbrev or matcher.label
+        align=aligner.label or align, abbrev=aligner.abbrev or aligner.label or align
     )
     return (fix.label or "{method}").format(method=label)
 

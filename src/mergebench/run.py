@@ -266,7 +266,7 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
         merged = cfg.strategy.factory(cfg.strategy.params, [m for m, _ in models], methods, ctx)
         wall = time.perf_counter() - start
         merged.save_artifacts(out_dir)
-        label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name, cfg.strategy.name)
+        label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name)
         label += label_suffix(cfg.align.params, cfg.agg.params, cfg.repair.params, cfg.strategy.params)
         diagnostics = {**checked, **merged.diagnostics}
         writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=diagnostics)
@@ -275,7 +275,7 @@ def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.
             # reuse the strategy's alignment where A stayed the reference (all_to_one); else align B to A here
             pair = merged.aligned_to_first or align_to(models[0][0], [models[1][0]], methods, ctx)[0]
             model_a, model_b = pair
-            curve_label = method_label(cfg.align.name, CURVE_AGG, cfg.repair.name, cfg.strategy.name)
+            curve_label = method_label(cfg.align.name, CURVE_AGG, cfg.repair.name)
             points = []
             for alpha, model in interpolation_curve(model_a, model_b, cfg.curve.points, cfg.repair, ctx):
                 points.append((alpha, evaluate(model)[1]))

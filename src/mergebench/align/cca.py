@@ -12,7 +12,6 @@ approximately (see `apply_transforms`) — with BN nets, follow CCA with repair=
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any
 
@@ -20,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align.activations import GroupStats, activation_stats
-from mergebench.align.registry import ALIGNERS, Alignment
+from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.evaluate import evaluate_batches
+from mergebench.evaluate import evaluate_batches, selection_key
 from mergebench.spec import Transform, apply_transforms
 from mergebench.weights import mean_model
 
@@ -92,7 +91,8 @@ def _score(ctx: MergeContext, ref: nn.Module, other: nn.Module, transforms: dict
 
 
 @ALIGNERS.register("cca", CCAParams, label="CCA Merge", abbrev="CCA")
-def align_cca(params: CCAParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
+@pairwise_aligner
+def align_cca(params: CCAParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> PairAlignment:
     start = time.perf_counter()
     batches = ctx.fit_batches(batch_size=params.batch_size or ctx.eval_batch_size)
     maps = CCAMaps(activation_stats(ctx.spec, ref, other, batches))
@@ -104,8 +104,7 @@ def align_cca(params: CCAParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
         for gamma in params.gamma_grid:
             candidate, mean_corr = maps.transforms(gamma)
             result = _score(ctx, ref, other, candidate)
-            # accuracy first, then loss; a map that blows the merge up (non-finite loss) never wins
-            key = (result["top1"], -result["loss"]) if math.isfinite(result["loss"]) else (-math.inf, -math.inf)
+            key = selection_key(result)
             if best is None or key > best[0]:
                 best = key, gamma, candidate, mean_corr, result
         assert best is not None
@@ -119,4 +118,4 @@ def align_cca(params: CCAParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
             "select_loss": result["loss"],
         }
     diagnostics["seconds"] = time.perf_counter() - start
-    return Alignment(transforms, diagnostics)
+    return PairAlignment(transforms, diagnostics)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align.activations import GroupStats, activation_stats
-from mergebench.align.registry import ALIGNERS, Alignment
+from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
 from mergebench.align.weight_matching import parameters
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
@@ -169,7 +169,8 @@ def ot_fusion(
 
 
 @ALIGNERS.register("ot", OTParams, label="OT Fusion", abbrev="OT")
-def align_ot(params: OTParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
+@pairwise_aligner
+def align_ot(params: OTParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> PairAlignment:
     start = time.perf_counter()
     stats = None
     if params.cost == "acts":
@@ -188,4 +189,4 @@ def align_ot(params: OTParams, ref: nn.Module, other: nn.Module, ctx: MergeConte
         max_iter=params.max_iter,
     )
     info["seconds"] = time.perf_counter() - start
-    return Alignment(transforms, info)
+    return PairAlignment(transforms, info)

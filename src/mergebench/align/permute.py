@@ -18,7 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from mergebench.align.activations import GroupStats, activation_stats, dead_units
-from mergebench.align.registry import ALIGNERS, Alignment
+from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
 from mergebench.align.weight_matching import parameters, rematch_by_weights
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
@@ -97,7 +97,8 @@ def correlation_matching(stats: dict[str, GroupStats]) -> CorrelationMatch:
 
 
 @ALIGNERS.register("permute", PermuteParams, label="Permute", abbrev="P")
-def align_permute(params: PermuteParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
+@pairwise_aligner
+def align_permute(params: PermuteParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> PairAlignment:
     start = time.perf_counter()
     batches = ctx.fit_batches(batch_size=params.batch_size or ctx.eval_batch_size)
     match = correlation_matching(activation_stats(ctx.spec, ref, other, batches))
@@ -111,4 +112,4 @@ def align_permute(params: PermuteParams, ref: nn.Module, other: nn.Module, ctx: 
         "tied_units": sum(t.numel() for t in match.tied.values()),
         "seconds": time.perf_counter() - start,
     }
-    return Alignment({g: Transform.permutation(p) for g, p in perms.items()}, diagnostics)
+    return PairAlignment({g: Transform.permutation(p) for g, p in perms.items()}, diagnostics)

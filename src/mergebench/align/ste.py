@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from mergebench.align.registry import ALIGNERS, Alignment
+from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
 from mergebench.align.weight_matching import weight_matching
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
@@ -94,7 +94,8 @@ def _straight_through_midpoint(
 
 
 @ALIGNERS.register("ste", STEParams, label="STE", abbrev="STE")
-def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> Alignment:
+@pairwise_aligner
+def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeContext) -> PairAlignment:
     start = time.perf_counter()
     seed = mix_seeds(ctx.seed, params.seed)
     state_a = {k: v.detach() for k, v in ref.state_dict().items()}
@@ -161,4 +162,4 @@ def align_ste(params: STEParams, ref: nn.Module, other: nn.Module, ctx: MergeCon
         "wm_held_out_loss": initial_loss,
         "seconds": time.perf_counter() - start,
     }
-    return Alignment(_as_transforms(best_perms), diagnostics)
+    return PairAlignment(_as_transforms(best_perms), diagnostics)

@@ -40,7 +40,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from mergebench.align.registry import ALIGNERS, Alignment
+from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.seeds import mix_seeds
@@ -552,9 +552,10 @@ def parameters(model: nn.Module) -> dict[str, Tensor]:
 
 
 @ALIGNERS.register("weight_matching", WeightMatchingParams, label="Weight Matching", abbrev="WM")
+@pairwise_aligner
 def align_weight_matching(
     params: WeightMatchingParams, ref: nn.Module, other: nn.Module, ctx: MergeContext
-) -> Alignment:
+) -> PairAlignment:
     perms, info = weight_matching(
         ctx.spec,
         parameters(ref),
@@ -564,4 +565,4 @@ def align_weight_matching(
         restarts=params.restarts,
         sweep=params.start == "sweep",
     )
-    return Alignment({g: Transform.permutation(p) for g, p in perms.items()}, info)
+    return PairAlignment({g: Transform.permutation(p) for g, p in perms.items()}, info)

@@ -44,11 +44,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mergebench.align.activations import stacked_moments
-from mergebench.align.registry import ALIGNERS, JointAligner, JointAlignment
+from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.evaluate import evaluate_batches
+from mergebench.evaluate import evaluate_batches, selection_key
 from mergebench.registry import Component
 from mergebench.spec import PermutationSpec, Transform, apply_transforms, probe_module
 from mergebench.weights import mean_model
@@ -321,7 +321,8 @@ def _per_model(zips: dict[str, Zip], num_models: int) -> list[dict[str, Transfor
     return [{g: maps[k] for g, maps in by_group.items()} for k in range(num_models)]
 
 
-def align_zipit(params: ZipItParams, models: list[nn.Module], ctx: MergeContext) -> JointAlignment:
+@ALIGNERS.register("zipit", ZipItParams, label="ZipIt!", abbrev="ZipIt")
+def align_zipit(params: ZipItParams, models: list[nn.Module], ctx: MergeContext) -> Alignment:
     start = time.perf_counter()
     batches = ctx.fit_batches(batch_size=params.batch_size or ctx.eval_batch_size)
     cut = None
@@ -345,8 +346,7 @@ def align_zipit(params: ZipItParams, models: list[nn.Module], ctx: MergeContext)
             continue
         seen.add(key)
         result = evaluate_batches(_merged_model(ctx, models, _per_model(zips, len(models)), cut), ctx.select_batches())
-        # accuracy first, then loss; a merge that blows up (non-finite loss) never wins
-        score = (result["top1"], -result["loss"]) if math.isfinite(result["loss"]) else (-math.inf, -math.inf)
+        score = selection_key(result)
         if best is None or score > best[0]:
             best = score, alpha, beta, zips, result
     assert best is not None
@@ -373,7 +373,7 @@ def align_zipit(params: ZipItParams, models: list[nn.Module], ctx: MergeContext)
         )
     diagnostics["seconds"] = time.perf_counter() - start
     assemble = None if cut is None else functools.partial(ZippedModel, cut=cut)
-    return JointAlignment(_per_model(zips, len(models)), diagnostics, assemble)
+    return Alignment(_per_model(zips, len(models)), diagnostics, assemble)
 
 
-ALIGNERS.register("zipit", ZipItParams, label="ZipIt!", abbrev="ZipIt")(JointAligner("zipit", align_zipit))
+align_zipit.keeps_first = False  # type: ignore[attr-defined]  # every model moves into the shared basis

@@ -18,7 +18,7 @@ from torch import nn
 from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.evaluate import evaluate_batches
+from mergebench.evaluate import evaluate_batches, selection_key
 from mergebench.merge.loop import adam_epochs
 from mergebench.merge.registry import AGGREGATORS, Merged
 from mergebench.weights import has_batchnorm, reset_bn, uniform_weights, weighted_state
@@ -80,7 +80,7 @@ def aggregate_finetune(params: FinetuneParams, models: list[nn.Module], ctx: Mer
         if len(rates) > 1:
             result = score(net, ctx)
             scores[lr] = result["top1"]
-            key = (result["top1"], -result["loss"])
+            key = selection_key(result)
         if best is None or key > best[0]:
             best = (key, lr, net, losses)
     _, lr, net, losses = best

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergebench.align.registry import Assemble, JointAligner
+from mergebench.align.registry import Assemble
 from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
@@ -33,13 +33,10 @@ class StrategyParams:
 
     rounds: int = 3  # merge_many: at most this many alignment rounds (stops early once no permutation changes)
     order_seed: int | None = None  # pairwise pairing / merge_many visiting order; null = the run's seed
-    max_iter: int = 200  # c2m3: Frank–Wolfe iterations at most (the reference's setting)
 
     def check(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"rounds={self.rounds} must be >= 1")
-        if self.max_iter < 1:
-            raise ConfigError(f"max_iter={self.max_iter} must be >= 1")
 
 
 def models_per_aggregation(strategy: str, num_models: int) -> int:
@@ -67,43 +64,25 @@ def carry(model: nn.Module, transforms: dict[str, Transform], ctx: MergeContext)
     return copy
 
 
-def align_one(ref: nn.Module, model: nn.Module, methods: Methods, ctx: MergeContext) -> tuple[nn.Module, Any]:
-    """A copy of `model` carried into `ref`'s basis, and the aligner's result."""
-    result = methods.align.factory(methods.align.params, ref, model, ctx)
-    return carry(model, result.transforms, ctx), result
-
-
 def align_all(
     models: list[nn.Module], methods: Methods, ctx: MergeContext
 ) -> tuple[list[nn.Module], dict, Assemble | None]:
-    """Bring `models` into one basis for aggregation: model 0's, every other model aligned to it, or with a joint
-    aligner the shared basis it carries all of them into. Returns the models in that basis, the aligners'
-    diagnostics, and the joint aligner's final assembly step (partial zipping), if any."""
+    """Bring `models` into one basis for aggregation (model 0's, or a joint aligner's shared one). Returns the
+    models in that basis, the aligner's diagnostics (`align_<key>`, `align<k>_<key>` for pair k of K > 2 models),
+    and the joint aligner's final assembly step (partial zipping), if any."""
     start = time.perf_counter()
-    factory = methods.align.factory
-    assemble = None
-    if isinstance(factory, JointAligner):
-        result = factory.align(methods.align.params, models, ctx)
-        aligned = [carry(m, t, ctx) for m, t in zip(models, result.transforms, strict=True)]
-        diagnostics = {f"align_{k}": v for k, v in result.diagnostics.items()}
-        assemble = result.assemble
-    else:
-        aligned, diagnostics = [models[0]], {}
-        for i, model in enumerate(models[1:], start=1):
-            copy, result = align_one(models[0], model, methods, ctx)
-            aligned.append(copy)
-            diagnostics.update(
-                {f"align{i}_{k}" if len(models) > 2 else f"align_{k}": v for k, v in result.diagnostics.items()}
-            )
+    result = methods.align.factory(methods.align.params, models, ctx)
+    aligned = [m if not t and k == 0 else carry(m, t, ctx) for k, (m, t) in enumerate(zip(models, result.transforms))]
+    diagnostics = {f"align{key}" if key[:1].isdigit() else f"align_{key}": v for key, v in result.diagnostics.items()}
     diagnostics["align_s"] = time.perf_counter() - start
-    return aligned, diagnostics, assemble
+    return aligned, diagnostics, result.assemble
 
 
 def align_to(
     ref: nn.Module, others: list[nn.Module], methods: Methods, ctx: MergeContext
 ) -> tuple[list[nn.Module], dict]:
-    """Align every model in `others` to `ref`; returns [ref, *aligned] (with a joint aligner: all of them carried
-    into its shared basis, as the interpolation curve needs them) and the aligners' diagnostics."""
+    """Align every model in `others` to `ref`; returns [ref, *aligned] (with an aligner that moves model 0 too: all
+    of them carried into its shared basis, as the interpolation curve needs them) and the aligner's diagnostics."""
     aligned, diagnostics, _ = align_all([ref, *others], methods, ctx)
     return aligned, diagnostics
 
@@ -178,9 +157,9 @@ def merge_many(params: StrategyParams, models: list[nn.Module], methods: Methods
     """Git Re-Basin's MergeMany: in a seeded order, align each model to the average of the others; repeat for up to
     `rounds` rounds (stopping after a round where no permutation moved), then aggregate all and repair.
 
-    A joint aligner has no fixed reference to align to; it already aligns all K models at once, as all_to_one runs
-    it."""
-    if isinstance(methods.align.factory, JointAligner):
+    An aligner that moves model 0 too (ZipIt!) has no fixed reference to align to; it already aligns all K models at
+    once, as all_to_one runs it."""
+    if not getattr(methods.align.factory, "keeps_first", False):
         return all_to_one(params, models, methods, ctx)
     gen = torch.Generator().manual_seed(ctx.seed if params.order_seed is None else params.order_seed)
     current = list(models)
@@ -192,8 +171,9 @@ def merge_many(params: StrategyParams, models: list[nn.Module], methods: Methods
         moved = False
         for i in torch.randperm(len(current), generator=gen).tolist():
             ref = mean_model([m.state_dict() for m in current[:i] + current[i + 1 :]], ctx)
-            current[i], result = align_one(ref, current[i], methods, ctx)
-            moved = moved or not is_identity(result.transforms)
+            result = methods.align.factory(methods.align.params, [ref, current[i]], ctx)
+            current[i] = carry(current[i], result.transforms[1], ctx)
+            moved = moved or not is_identity(result.transforms[1])
             diagnostics.update({f"align{i}_{k}": v for k, v in result.diagnostics.items()})
         if not moved:
             break

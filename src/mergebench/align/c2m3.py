@@ -14,9 +14,9 @@ the P/Q mixtures of each tensor, maximised on [0, 1]; a step is kept only if it 
 history never decreases. At the end each relaxed P_k is projected to the nearest permutation (linear assignment).
 BN running statistics are not scored (they ride along with their group, as in weight matching).
 
-The strategy maps every model into model 0's basis through the universe and then aggregates and repairs like
-`all_to_one`, so `strategy=c2m3 agg=avg` is the paper's merge (its average in the universe is the same network up
-to a permutation). The aligner is not used: C2M3 is its own matching.
+As an aligner it carries every model into model 0's basis through the universe (model 0 stays as it is); the
+strategy then aggregates and repairs, so `align=c2m3 agg=avg` is the paper's merge (its average in the universe is
+the same network up to a permutation).
 """
 
 from __future__ import annotations
@@ -34,14 +34,11 @@ from numpy.polynomial import polynomial
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from mergebench.align.registry import ALIGNERS, Alignment
 from mergebench.align.weight_matching import parameters
-from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.registry import STRATEGIES, Merged, Methods
-from mergebench.merge.strategies import StrategyParams, aggregate_and_repair
-from mergebench.registry import Component
-from mergebench.spec import PermutationSpec, Transform, apply_transforms
+from mergebench.spec import PermutationSpec, Transform
 
 PATIENCE = 5  # stop after this many steps in a row that each gain less than a relative RELATIVE_GAIN
 RELATIVE_GAIN = 1e-7
@@ -233,31 +230,23 @@ def between(universe_i: Tensor, universe_j: Tensor) -> Tensor:
 
 
 @dataclasses.dataclass
-class C2M3Params(StrategyParams):
-    def check_run(self, chosen: Mapping[str, Component]) -> None:
-        """C2M3 matches the models itself (data-free, all at once): an aligner beside it would be ignored."""
-        if chosen["align"].name != "identity":
-            raise ConfigError(
-                f"strategy=c2m3 matches the models itself (data-free, all at once) and would ignore "
-                f"align={chosen['align'].name}: use align=identity with it"
-            )
+class C2M3Params:
+    max_iter: int = 200  # Frank–Wolfe iterations at most (the reference's setting)
+
+    def check(self) -> None:
+        if self.max_iter < 1:
+            raise ConfigError(f"max_iter={self.max_iter} must be >= 1")
 
 
-@STRATEGIES.register("c2m3", C2M3Params, label="C2M3", abbrev="C2M3")
-def c2m3(params: C2M3Params, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged:
-    """Match all models cycle-consistently (data-free), carry each into model 0's basis through the universe, then
-    aggregate all at once and repair."""
+@ALIGNERS.register("c2m3", C2M3Params, label="C2M3", abbrev="C2M3")
+def align_c2m3(params: C2M3Params, models: list[nn.Module], ctx: MergeContext) -> Alignment:
+    """Match all models cycle-consistently (data-free) and carry each into model 0's basis through the universe."""
     start = time.perf_counter()
     universe, info = universe_matching(ctx.spec, [parameters(m) for m in models], max_iter=params.max_iter)
-    aligned = [models[0]]
-    for k, model in enumerate(models[1:], start=1):
-        transforms = {g: Transform.permutation(between(universe[0][g], universe[k][g])) for g in universe[k]}
-        copy = ctx.build_model()
-        load_state(copy, apply_transforms(model.state_dict(), ctx.spec, transforms))
-        aligned.append(copy)
-    diagnostics = {f"c2m3_{k}": v for k, v in info.items()}
-    diagnostics["align_s"] = time.perf_counter() - start
-    merged = aggregate_and_repair(aligned, methods, ctx)
-    merged.diagnostics = {**diagnostics, **merged.diagnostics}
-    merged.aligned_to_first = aligned
-    return merged
+    transforms: list[dict[str, Transform]] = [{}]
+    for k in range(1, len(models)):
+        transforms.append({g: Transform.permutation(between(universe[0][g], universe[k][g])) for g in universe[k]})
+    return Alignment(transforms, {**info, "seconds": time.perf_counter() - start})
+
+
+align_c2m3.keeps_first = True  # type: ignore[attr-defined]  # model 0 is the basis every model is carried into
