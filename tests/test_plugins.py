@@ -4,6 +4,7 @@ exactly its registry's names."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator
@@ -137,3 +138,40 @@ def test_the_core_names_no_component() -> None:
     src = Path(mergebench.align.__file__).parents[1]
     found = {f: sorted(_string_constants(src / f) & forbidden) for f in CORE_FILES}
     assert found == {f: [] for f in CORE_FILES}
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g != "dataset"])
+def test_every_yaml_value_is_its_dataclass_default(group: str) -> None:
+    """A component's YAML lists its keys for people to read and override; the values live in one place, the Params
+    dataclass (the Python API's defaults), and this keeps the two from drifting apart (the data group's files also
+    state the keys every split shares, DataConfig's)."""
+    from omegaconf import OmegaConf
+
+    from mergebench.config import DataConfig
+
+    drift = []
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        values = OmegaConf.to_container(OmegaConf.load(path))
+        entry = GROUPS[group].get(values.pop("name"))
+        classes = [entry.params] if entry.params else []
+        classes += [DataConfig] if group == "data" else []
+        defaults = {
+            f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for cls in classes
+            for f in dataclasses.fields(cls)
+        }
+        drift += [
+            f"{path.name}: {k}={v!r}, default {defaults.get(k, '(none)')!r}"
+            for k, v in values.items()
+            if defaults.get(k, object()) != v
+        ]
+    assert drift == []
+
+
+def test_every_reference_has_its_flag_and_every_flag_its_reference() -> None:
+    """The pipeline runs REFERENCES by their `references.<name>` flags and names none of them."""
+    from mergebench.config import ReferencesConfig
+    from mergebench.references import REFERENCES
+
+    flags = {f.name for f in dataclasses.fields(ReferencesConfig) if f.type in ("bool", bool)}
+    assert set(REFERENCES) == flags == {"ensemble", "joint", "coreset"}

@@ -11,6 +11,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
+import mergebench.references as references
 import mergebench.run as pipeline
 from mergebench.cli import CONF_DIR
 from mergebench.config import validate
@@ -230,8 +231,8 @@ def test_coreset_reference_trains_on_exactly_the_merge_data_and_fills_its_row(
         trained[request.label] = request.indices.cpu()
         return train_or_load(request, *args)
 
-    train_or_load = pipeline.train_or_load
-    monkeypatch.setattr(pipeline, "train_or_load", recording)
+    train_or_load = references.train_or_load
+    monkeypatch.setattr(references, "train_or_load", recording)
 
     def run(per_class: str) -> tuple[pd.DataFrame, Scenario, MergeData]:
         trained.clear()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+import mergebench.references as references
 import mergebench.run as pipeline
 from mergebench.align import ALIGNERS
 from mergebench.align.ste import STEParams, epoch_lr
@@ -82,13 +83,13 @@ def test_coreset_reference_trains_with_its_own_recipe_and_base_models_keep_their
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     recipes: dict[str, tuple[int, float]] = {}
-    train_or_load = pipeline.train_or_load
+    train_or_load = references.train_or_load
 
     def recording(request: BaseModelRequest, *args: object) -> tuple:
         recipes[request.label] = (request.recipe.epochs, request.recipe.lr)
         return train_or_load(request, *args)
 
-    monkeypatch.setattr(pipeline, "train_or_load", recording)
+    monkeypatch.setattr(references, "train_or_load", recording)
     overrides = ["data=split_classes", "model.hidden=[16]", "train.epochs=1", "train.lr=0.1", "align=identity"]
     overrides += ["references.coreset=true", "merge_data.per_class=5", "references.coreset_epochs=2"]
     overrides += ["references.coreset_lr=0.05", f"cache_dir={tmp_path / 'cache'}"]

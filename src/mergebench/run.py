@@ -14,7 +14,6 @@ import pandas as pd
 import torch
 
 from mergebench.cache import (
-    ModelCache,
     ResultsCache,
     atomic_write_bytes,
     atomic_write_text,
@@ -22,24 +21,22 @@ from mergebench.cache import (
     content_key,
     tensor_digest,
 )
-from mergebench.checkpoints import load_models
-from mergebench.config import RunConfig, TrainConfig
+from mergebench.config import RunConfig
 from mergebench.context import MergeContext
 from mergebench.data.adapt import adapt_inputs
 from mergebench.data.datasets import DatasetInfo, ImageData, load_dataset, with_normalize
-from mergebench.data.loader import Batches, to_device
+from mergebench.data.loader import Batches
 from mergebench.data.merge_data import MergeData, select_merge_data
 from mergebench.data.splits import Scenario, SplitRequest
 from mergebench.errors import ConfigError
-from mergebench.evaluate import ensemble_logits, metrics, predict, subset_metrics
 from mergebench.merge.curve import CURVE_AGG, barriers, interpolation_curve
+from mergebench.merge.registry import Merged
 from mergebench.merge.strategies import Methods, align_to
-from mergebench.models import ModelInput
 from mergebench.pause import pause_point
 from mergebench.progress import announce
-from mergebench.results import RowWriter, base_label, label_suffix, method_label, model_columns
+from mergebench.references import REFERENCES, BaseModels, RunModels, base_models
+from mergebench.results import RowWriter, label_suffix, method_label, model_columns
 from mergebench.spec.verify import VERIFY_BATCH, checked_spec
-from mergebench.train import BaseModelRequest, train_best_epoch, train_or_load
 
 
 def resolve_device(name: str) -> torch.device:
@@ -173,125 +170,68 @@ def check_model_input(build: Callable[[], torch.nn.Module], test: ImageData, inf
 
 
 def merge_and_evaluate(cfg: RunConfig, scenario: Scenario, out_dir: Path) -> pd.DataFrame:
-    """The pipeline of one run, top to bottom: base models, references, merge, evaluation, rows."""
-    device = resolve_device(cfg.device)
+    """The pipeline of one run, top to bottom: base models, references, merge, curve, rows."""
     save_split(scenario, out_dir)
-    info = scenario.info
-    augment = info.augment if cfg.dataset.augment is None else cfg.dataset.augment
-    train, test = to_device(scenario.train, device), to_device(scenario.test, device)
-    model_input = ModelInput(info.channels, info.size, info.num_classes)
-
-    def build() -> torch.nn.Module:
-        return cfg.model.factory(cfg.model.params, model_input).to(device)
-
-    check_model_input(lambda: cfg.model.factory(cfg.model.params, model_input), test, info)
-
-    cache = ModelCache(cfg.cache_dir)
-
-    def request(label: str, indices: torch.Tensor, init_seed: int, recipe: TrainConfig) -> BaseModelRequest:
-        model = cfg.model
-        return BaseModelRequest(label, train, indices, info, model.name, model.params, recipe, augment, init_seed)
-
-    def base_model(
-        label: str, indices: torch.Tensor, init_seed: int, recipe: TrainConfig | None = None
-    ) -> tuple[torch.nn.Module, dict]:
-        return train_or_load(request(label, indices, init_seed, recipe or cfg.train), build, cache)
-
-    if cfg.checkpoints:  # the user's weights: nothing is trained
-        models = load_models(cfg.checkpoints, build)
-    else:
-        models = [base_model(f"base {k}", idx, cfg.seed + k) for k, idx in enumerate(scenario.clients)]
-
+    setup = RunModels.on(cfg, scenario, resolve_device(cfg.device))
+    check_model_input(lambda: cfg.model.factory(cfg.model.params, setup.model_input()), setup.test, setup.info)
     writer = RowWriter(common_columns(cfg, scenario))
-    test_all = torch.arange(len(test))
-
-    def evaluate(model: torch.nn.Module) -> tuple[torch.Tensor, dict[str, dict[str, float]]]:
-        logits = predict(model, test, test_all, info, cfg.eval.batch_size)
-        return logits, subset_metrics(logits, test.y, scenario.test_subsets)
-
-    base_logits, base_results = [], []
-    for k, (model, meta) in enumerate(models):
-        logits, results = evaluate(model)
-        base_logits.append(logits)
-        base_results.append(results)
-        writer.add(base_label(k, len(models)), f"base_{k}", results, wall_s=meta.get("wall_s"))
-    writer.add("Base models avg.", "base_avg", _mean_results(base_results))
-    if cfg.references.ensemble:
-        ens = ensemble_logits(base_logits)
-        writer.add(
-            "Ensemble", "ensemble", {s: metrics(ens[i], test.y.cpu()[i]) for s, i in scenario.test_subsets.items()}
-        )
-    if cfg.references.joint:
-        joint, meta = base_model("joint", torch.unique(torch.cat(scenario.clients)), cfg.seed)
-        writer.add("Joint", "joint", evaluate(joint)[1], wall_s=meta.get("wall_s"))
+    bases = base_models(setup, writer)
     merge = select_merge_data(scenario, cfg.merge_data)
-    if cfg.references.coreset:
-        if cfg.merge_data.per_class is None:  # all the merge data: the joint model (or a client's), not a coreset
-            announce("references.coreset: skipped, the merge data is not a coreset (merge_data.per_class=null)")
-        else:
-            recipe = cfg.references.coreset_recipe(cfg.train)
-            if cfg.references.coreset_report == "last":
-                coreset, meta = base_model("coreset", coreset_indices(merge), cfg.seed, recipe)
-                diagnostics = None
-            else:  # YM's protocol: the best test top-1 over the coreset model's epochs
-                coreset, meta = train_best_epoch(
-                    request("coreset", coreset_indices(merge), cfg.seed, recipe),
-                    build,
-                    lambda model: evaluate(model)[1]["test"]["top1"],
-                )
-                diagnostics = {"coreset_report": "best_test_epoch", **meta}
-            writer.add("Coreset", "coreset", evaluate(coreset)[1], wall_s=meta.get("wall_s"), diagnostics=diagnostics)
-
+    for name, add in REFERENCES.items():
+        if getattr(cfg.references, name):
+            add(setup, bases, merge, writer)
     if not cfg.train.only:
-        sample = next(iter(Batches(train, merge.fit, info, VERIFY_BATCH)))[0]
-        methods = Methods(cfg.align, cfg.agg, cfg.repair)
-        spec, checked = checked_spec(
-            [m for m, _ in models], sample, info.num_classes, seed=cfg.seed, check=methods.check_spec
-        )
-        ctx = MergeContext(
-            spec=spec,
-            build_model=build,
-            train=train,
-            test=test,
-            info=info,
-            merge=merge,
-            batch_size=cfg.train.batch_size,
-            eval_batch_size=cfg.eval.batch_size,
-            device=device,
-            seed=cfg.seed,
-            select_on=cfg.select_on,
-        )
-        pause_point("merge")
-        start = time.perf_counter()
-        merged = cfg.strategy.factory(cfg.strategy.params, [m for m, _ in models], methods, ctx)
-        wall = time.perf_counter() - start
-        merged.save_artifacts(out_dir)
-        label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name)
-        label += label_suffix(cfg.align.params, cfg.agg.params, cfg.repair.params, cfg.strategy.params)
-        diagnostics = {**checked, **merged.diagnostics}
-        writer.add(label, "merged", evaluate(merged.model)[1], wall_s=wall, diagnostics=diagnostics)
-
-        if cfg.curve.points:  # two models (checked with the config): A and B aligned to it, α = A's weight
-            # reuse the strategy's alignment where A stayed the reference (all_to_one); else align B to A here
-            pair = merged.aligned_to_first or align_to(models[0][0], [models[1][0]], methods, ctx)[0]
-            model_a, model_b = pair
-            curve_label = method_label(cfg.align.name, CURVE_AGG, cfg.repair.name)
-            points = []
-            for alpha, model in interpolation_curve(model_a, model_b, cfg.curve.points, cfg.repair, ctx):
-                points.append((alpha, evaluate(model)[1]))
-                writer.add(curve_label, "curve", points[-1][1], alpha=alpha)
-            writer.add(curve_label, "barrier", barriers(points))
+        merged, ctx = merge_models(setup, bases, merge, writer, out_dir)
+        if cfg.curve.points:
+            write_curve(setup, bases, merged, ctx, writer)
     return writer.write(out_dir)
 
 
-def coreset_indices(merge: MergeData) -> torch.Tensor:
-    """Every example the merge methods may read (the fit part and the validation carve-out they select on): what
-    the Coreset reference is trained on from scratch, so it has the same data budget as the merges."""
-    return torch.cat([merge.fit, merge.val]).sort().values
+def merge_models(
+    setup: RunModels, bases: BaseModels, merge: MergeData, writer: RowWriter, out_dir: Path
+) -> tuple[Merged, MergeContext]:
+    """The spec checked on the base models, then the strategy's merge (aligner, aggregator, repair), its row and
+    artifacts."""
+    cfg = setup.cfg
+    sample = next(iter(Batches(setup.train, merge.fit, setup.info, VERIFY_BATCH)))[0]
+    methods = Methods(cfg.align, cfg.agg, cfg.repair)
+    spec, checked = checked_spec(bases.modules, sample, setup.info.num_classes, seed=cfg.seed, check=methods.check_spec)
+    ctx = MergeContext(
+        spec=spec,
+        build_model=setup.build,
+        train=setup.train,
+        test=setup.test,
+        info=setup.info,
+        merge=merge,
+        batch_size=cfg.train.batch_size,
+        eval_batch_size=cfg.eval.batch_size,
+        device=setup.device,
+        seed=cfg.seed,
+        select_on=cfg.select_on,
+    )
+    pause_point("merge")
+    start = time.perf_counter()
+    merged = cfg.strategy.factory(cfg.strategy.params, bases.modules, methods, ctx)
+    wall = time.perf_counter() - start
+    merged.save_artifacts(out_dir)
+    label = method_label(cfg.align.name, cfg.agg.name, cfg.repair.name)
+    label += label_suffix(cfg.align.params, cfg.agg.params, cfg.repair.params, cfg.strategy.params)
+    writer.add(
+        label, "merged", setup.evaluate(merged.model)[1], wall_s=wall, diagnostics={**checked, **merged.diagnostics}
+    )
+    return merged, ctx
 
 
-def _mean_results(results: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    return {
-        subset: {metric: float(np.mean([r[subset][metric] for r in results])) for metric in values}
-        for subset, values in results[0].items()
-    }
+def write_curve(setup: RunModels, bases: BaseModels, merged: Merged, ctx: MergeContext, writer: RowWriter) -> None:
+    """The interpolation curve of model A and the aligned model B (α = A's weight; two models, checked with the
+    config), each point repaired, and its barriers."""
+    cfg = setup.cfg
+    methods = Methods(cfg.align, cfg.agg, cfg.repair)
+    # reuse the strategy's alignment where A stayed the reference (all_to_one); else align B to A here
+    model_a, model_b = merged.aligned_to_first or align_to(bases.modules[0], [bases.modules[1]], methods, ctx)[0]
+    label = method_label(cfg.align.name, CURVE_AGG, cfg.repair.name)
+    points = []
+    for alpha, model in interpolation_curve(model_a, model_b, cfg.curve.points, cfg.repair, ctx):
+        points.append((alpha, setup.evaluate(model)[1]))
+        writer.add(label, "curve", points[-1][1], alpha=alpha)
+    writer.add(label, "barrier", barriers(points))

@@ -20,7 +20,7 @@ import contextlib
 import copy
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -87,8 +87,15 @@ class CheckModel:
     def dtype(self) -> str:
         return str(self.x.dtype).removeprefix("torch.")
 
+    references: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # the model's own logits, per mode
+
     def logits(self, mode: str, state: Mapping[str, Tensor] | None = None) -> Tensor:
-        return _logits(self.model, self.x, mode, state, self.random_off)
+        """The logits with the tensors of `state` in place, or the model's own (computed once per mode)."""
+        if state is not None:
+            return _logits(self.model, self.x, mode, state, self.random_off)
+        if mode not in self.references:
+            self.references[mode] = _logits(self.model, self.x, mode, None, self.random_off)
+        return self.references[mode]
 
 
 def float64_copy(model: nn.Module, x: Tensor, random_off: tuple[str, ...]) -> CheckModel | None:
@@ -281,17 +288,21 @@ def verify_spec(
     rounding = {}
     if isinstance(outcome, Failure) and check.dtype != "float64":
         exact = float64_copy(model, x, check.random_off)
-        if exact is not None:
+        if exact is not None:  # the modes float32 passed stand; the float64 copy decides the others
+            rest = MODES[MODES.index(outcome.mode) :]
+            passed, passed_scale = outcome.passed, outcome.scale
             rounding = {f"verify_float32_diff_{outcome.mode}": outcome.diff}
             # float64 rounds 2^29 times finer than float32: the float32 difference so scaled (with a margin of
             # 100) bounds what rounding can leave in float64, where a wrong axis still moves logits by ~1e-3; where
             # float32 is saturated (its difference as large as the logits), the float64 copy's own sensitivity to
             # rounding-sized changes of its weights is measured instead
-            exact.floor = {mode: ROUNDING_MARGIN * d for mode, d in rounding_sensitivity(exact, seed).items()}
+            exact.floor = {mode: ROUNDING_MARGIN * d for mode, d in rounding_sensitivity(exact, seed, rest).items()}
             scaled = outcome.diff * torch.finfo(torch.float64).eps / torch.finfo(torch.float32).eps
             exact.floor[outcome.mode] = max(exact.floor[outcome.mode], ROUNDING_MARGIN * scaled)
             rounding |= {f"verify_float64_floor_{mode}": floor for mode, floor in exact.floor.items()}
-            check, outcome = exact, _compare(exact, spec, transforms, tolerance)
+            check, outcome = exact, _compare(exact, spec, transforms, tolerance, rest)
+            if not isinstance(outcome, Failure):
+                outcome = {**passed, **outcome[0]}, max(passed_scale, outcome[1])
     if isinstance(outcome, Failure):
         raise SpecMismatchError(_blame(check, spec, transforms, outcome, model, x))
     max_diff, scale = outcome
@@ -299,21 +310,27 @@ def verify_spec(
     return Verification(len(spec.groups), max_diff, scale, seconds, check.dtype, check.random_off, rounding)
 
 
-NUDGE = 1e-12  # relative change of every weight that measures the float64 copy's sensitivity (linear at this size)
+NUDGE = 1e-12  # relative change of the inputs that measures the float64 copy's sensitivity (linear at this size)
 
 
-def rounding_sensitivity(check: CheckModel, seed: int) -> dict[str, float]:
-    """How far float64 rounding can move the copy's logits, per mode: the largest change when every floating-point
-    tensor moves by a seeded relative NUDGE, scaled down to float64's rounding unit. BatchNorm's batch statistics
-    over a few values (an ImageNet net at 1×1) can amplify rounding a billion-fold in train mode."""
+def rounding_sensitivity(check: CheckModel, seed: int, modes: Sequence[str] = MODES) -> dict[str, float]:
+    """How far float64 rounding can move the copy's logits, per mode: the change when the inputs move by a seeded
+    relative NUDGE (every layer's rounding passes through the layers after it, as the inputs' change does),
+    scaled down to float64's rounding unit. BatchNorm's batch statistics over a few values (an ImageNet net at 1×1)
+    can amplify rounding a billion-fold in train mode. Integer inputs (token ids) nudge the weights instead."""
     gen = torch.Generator().manual_seed(seed)
-    nudged = {}
-    for key, t in check.model.state_dict().items():
-        if t.is_floating_point():
-            noise = torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype)
-            nudged[key] = t * (1 + NUDGE * noise)
+
+    def nudge(t: Tensor) -> Tensor:
+        return t * (1 + NUDGE * torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.device, t.dtype))
+
     eps = torch.finfo(torch.float64).eps
-    return {mode: _diff(check.logits(mode, nudged), check.logits(mode)) * eps / NUDGE for mode in MODES}
+    if check.x.is_floating_point():
+        nudged_x = nudge(check.x)
+        changed = {m: _logits(check.model, nudged_x, m, None, check.random_off) for m in modes}
+    else:
+        state = {k: nudge(t) for k, t in check.model.state_dict().items() if t.is_floating_point()}
+        changed = {m: check.logits(m, state) for m in modes}
+    return {m: _diff(changed[m], check.logits(m)) * eps / NUDGE for m in modes}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,23 +339,30 @@ class Failure:
     diff: float
     limit: float
     reference: Tensor
+    passed: dict[str, float]  # the modes checked before, their largest differences
+    scale: float
 
 
 def _compare(
-    check: CheckModel, spec: PermutationSpec, transforms: Mapping[str, Transform], tolerance: float | None
+    check: CheckModel,
+    spec: PermutationSpec,
+    transforms: Mapping[str, Transform],
+    tolerance: float | None,
+    modes: Sequence[str] = MODES,
 ) -> tuple[dict[str, float], float] | Failure:
     """The largest |Δlogit| per mode and the logits' scale, or the first mode where it exceeds the bound."""
     permuted = _permuted(check.model, spec, transforms)
     max_diff: dict[str, float] = {}
     scale = 0.0
-    for mode in MODES:
+    for mode in modes:
         reference = check.logits(mode)
         scale = max(scale, reference.abs().max().item())
         max_diff[mode] = _diff(check.logits(mode, permuted), reference)
         limit = (check.tolerance if tolerance is None else tolerance) * max(reference.abs().max().item(), 1e-12)
         limit = max(limit, check.floor.get(mode, 0.0))
         if max_diff[mode] > limit:
-            return Failure(mode, max_diff[mode], limit, reference)
+            passed = {m: d for m, d in max_diff.items() if m != mode}
+            return Failure(mode, max_diff[mode], limit, reference, passed, scale)
     return max_diff, scale
 
 
