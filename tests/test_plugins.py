@@ -11,19 +11,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
 import mergebench.align
+import mergebench.models
 from mergebench.align import ALIGNERS
-from mergebench.cli import CONF_DIR
+from mergebench.cli import CONF_DIR, register_default_recipes
 from mergebench.config import validate
 from mergebench.data.datasets import DATASETS
 from mergebench.data.splits import SPLITS
 from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
-from mergebench.models import MODELS, Architecture, ModelInput
+from mergebench.models import MODELS, ModelInput
 from mergebench.registry import Registry
 from mergebench.run import run
+from mergebench.spec.trace import model_spec
+from mergebench.spec.verify import verify_spec
 
 GROUPS: dict[str, Registry] = {
     "align": ALIGNERS,
@@ -44,14 +48,18 @@ def test_every_config_group_has_one_yaml_per_registered_name(group: str) -> None
         assert yaml.safe_load(path.read_text())["name"] == path.stem, path
 
 
-def test_every_built_in_model_states_its_permutation_spec() -> None:
+def test_every_built_in_model_has_a_spec_that_passes_the_check() -> None:
+    """Its own `permutation_spec()` where it states one, else the traced spec the runtime uses: a new architecture
+    needs no hand-written spec."""
     for name in MODELS.names():
-        if name == "custom":  # a user's model gets a traced spec
+        if name == "custom":  # a user's model: tests/test_custom_models.py
             continue
         entry = MODELS.get(name)
-        model = entry.factory(entry.params(), ModelInput(3, 32, 10))
-        assert isinstance(model, Architecture), name
-        assert model.permutation_spec().groups, name
+        model = entry.factory(entry.params(), ModelInput(3, 32, 10)).eval()
+        x = torch.randn(4, 3, 32, 32)
+        spec, _ = model_spec(model, x)
+        assert spec.groups, name
+        verify_spec(model, spec, x)
 
 
 ALIGNER_MODULE = '''
@@ -175,3 +183,74 @@ def test_every_reference_has_its_flag_and_every_flag_its_reference() -> None:
 
     flags = {f.name for f in dataclasses.fields(ReferencesConfig) if f.type in ("bool", bool)}
     assert set(REFERENCES) == flags == {"ensemble", "joint", "coreset"}
+
+
+ARCHITECTURE_MODULE = '''
+"""A throw-away architecture: two convs and a linear head, no hand-written spec (the runtime traces one)."""
+
+import dataclasses
+
+from torch import nn
+
+from mergebench.models.registry import MODELS
+
+
+@dataclasses.dataclass
+class TinyConvParams:
+    channels: int = 8
+
+
+@MODELS.register("tinyconv", TinyConvParams)
+def build_tinyconv(params, data):
+    c = params.channels
+    return nn.Sequential(
+        nn.Conv2d(data.channels, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, data.num_classes),
+    )
+'''
+
+
+def test_a_new_architecture_is_one_module_and_one_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONTRIBUTING.md's recipe: the module in models/ and conf/model/<name>.yaml; no permutation_spec() (the run
+    traces it, checks it, and merges with activation matching) and no conf/train/<name>.yaml (TrainConfig's
+    defaults, registered as its recipe by the CLI at import; here after the module joined the package)."""
+    modules, conf = tmp_path / "modules", tmp_path / "conf"
+    for folder in (modules, conf / "model"):
+        folder.mkdir(parents=True)
+    (modules / "tinyconv.py").write_text(ARCHITECTURE_MODULE)
+    (conf / "model" / "tinyconv.yaml").write_text("name: tinyconv\nchannels: 8\n")
+    monkeypatch.setattr(mergebench.models, "__path__", [*mergebench.models.__path__, str(modules)])
+    monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))
+    register_default_recipes()
+    try:
+        overrides = [
+            f"hydra.searchpath=[file://{conf}]",
+            "model=tinyconv",
+            "align=permute",
+            "train.epochs=1",
+            "train.lr=0.01",
+            f"cache_dir={tmp_path / 'cache'}",
+        ]
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+            cfg = validate(compose("config", overrides=overrides))
+        assert cfg.train.optimizer == "sgd" and cfg.train.batch_size == 500  # TrainConfig's defaults
+        out = tmp_path / "out"
+        out.mkdir()
+        df = run(cfg, out)
+    finally:
+        sys.modules.pop("mergebench.models.tinyconv", None)
+    merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]
+    diagnostics = json.loads(merged.diagnostics.iloc[0])
+    assert list(merged["arch"]) == ["tinyconv"] and diagnostics["spec"] == "traced"
+    assert diagnostics["spec_groups"] == 2 and diagnostics["align_mean_corr"] > 0
+
+
+def test_every_preset_has_its_paper_layout_and_every_layout_its_preset() -> None:
+    """A paper lives in its module of `mergebench.papers`: the layout registered under the preset's name is what
+    `mergebench-report --paper <name>` lays the preset's runs out with."""
+    from omegaconf import OmegaConf
+
+    from mergebench.papers import layouts
+
+    presets = {OmegaConf.load(p).name for p in (CONF_DIR / "experiment").glob("*.yaml")}
+    assert presets == set(layouts())

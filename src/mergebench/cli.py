@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import hydra
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -25,10 +26,11 @@ from rich.console import Console
 from rich.markup import escape
 
 from mergebench.cache import content_key
-from mergebench.config import RunConfig, suggest, validate
+from mergebench.config import RunConfig, TrainConfig, suggest, validate
 from mergebench.data.datasets import DATASETS, check_available
 from mergebench.errors import ConfigError
 from mergebench.interrupts import INTERRUPTED, JobInterrupted
+from mergebench.models import MODELS
 from mergebench.progress import console
 from mergebench.results import run_table
 from mergebench.run import Loaded, build_scenario, run
@@ -97,6 +99,19 @@ def _parse_message(arg: str, err: Exception) -> str:
 
 # datasets read in this process, shared by the check of every job and the jobs that the basic launcher runs here
 LOADED: Loaded = {}
+
+
+def register_default_recipes() -> None:
+    """`train: ${model}` in config.yaml picks conf/train/<model>.yaml; a model without one (a new architecture)
+    trains with TrainConfig's defaults (DESIGN §6's recipe), stored under its name so that Hydra finds it. Run at
+    import, so Hydra's launchers find the recipes in their job processes too."""
+    store = ConfigStore.instance()
+    for name in MODELS.names():
+        if not (CONF_DIR / "train" / f"{name}.yaml").exists():
+            store.store(group="train", name=name, node=TrainConfig)
+
+
+register_default_recipes()
 
 
 def check_overrides(args: list[str], multirun: bool = False) -> None:

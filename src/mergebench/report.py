@@ -14,8 +14,7 @@ import difflib
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator
-from importlib import resources
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,98 +25,14 @@ from omegaconf.errors import OmegaConfBaseException
 from rich.markup import escape
 from rich.table import Table
 
-from mergebench.align import ALIGNERS
 from mergebench.cache import atomic_write_text
 from mergebench.config import DataConfig
-from mergebench.merge import AGGREGATORS
+from mergebench.papers import Layout, layouts, paper_values
 from mergebench.plots import write_plots
 from mergebench.progress import console
-from mergebench.registry import Registry
-from mergebench.results import METHOD_ORDER, method_sort_key, split_param
+from mergebench.results import METHOD_ORDER, method_sort_key
 
-DATASET_NAMES = {
-    "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "mnist": "MNIST", "fashion_mnist": "FMNIST",
-    "digits": "digits", "imagenet200": "ImageNet-200", "usps": "USPS",
-}  # fmt: skip
-ARCH_NAMES = {"vgg11": "VGG11", "resnet20": "ResNet20", "resnet18": "ResNet18", "mlp": "MLP"}
-SPLIT_NAMES = {"split_80_20": "80%-20%", "dirichlet": "Dirichlet", "same": "same", "split_classes": "SPLIT"}
-Cell = Callable[[pd.Series], str | None]
-
-
-def _paper_name(registry: Registry, name: str, field: str = "label") -> str:
-    """The paper's name a component registered with (its `label`, or `abbrev`: NP, Finetune), else its config name."""
-    if name not in registry.names():
-        return name
-    return getattr(registry.get(name), field) or name
-
-
-def _size(row: pd.Series) -> str:
-    data = str(row.merge_data)
-    return data.split("/")[1].removesuffix("pc") if "/" in data else "train"
-
-
-def _ym2_column(row: pd.Series) -> str | None:
-    if row.split == "rotated":
-        return f"MNIST-RMNIST({float(split_param(row.get('split_params'), 'angle', 0.0)):g}°)"
-    if row.split == "split_classes":
-        return f"SPLIT-{DATASET_NAMES.get(row.dataset, row.dataset).replace('-', '')}"
-    if row.split == "cross_dataset":
-        return "-".join(DATASET_NAMES.get(d, d).upper() for d in str(row.dataset).split("+"))
-    return None
-
-
-def _ym2_row(row: pd.Series) -> str | None:
-    names = {"Joint": "Model AB (joint)", "Coreset": "Coreset AB", "Direct averaging": "Naïve", "Weight Matching": "WM"}
-    if row.method_label == "STE":
-        return "STE (Full)" if _size(row) == "train" else "STE (Coreset)"
-    return names.get(row.method_label, row.method_label)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """How a paper lays out its table: which row and column a result goes to, and which metrics count."""
-
-    title: str
-    column: Cell
-    row: Cell = lambda r: r.method_label
-    metrics: tuple[str, ...] = ("top1",)
-    angle_figure: bool = False  # the paper's values go on the accuracy-vs-rotation figure
-
-
-LAYOUTS: dict[str, Layout] = {
-    "np_table1": Layout(
-        "NP Table I (same data, accuracy %)",
-        lambda r: f"{DATASET_NAMES.get(r.dataset, r.dataset)} {ARCH_NAMES.get(r.arch, r.arch)}×{r.width:g}",
-    ),
-    "np_table2": Layout("NP Table II (ResNet20×8, CIFAR-100)", lambda r: SPLIT_NAMES.get(r.split, r.split)),
-    "np_table3": Layout(
-        "NP Table III (ResNet18×4, ImageNet-200, Dirichlet)",
-        lambda r: {"top1": "top-1", "top5": "top-5"}[r.metric],
-        metrics=("top1", "top5"),
-    ),
-    "np_table4": Layout(
-        "NP Table IV (ResNet20×8, CIFAR-100 Dirichlet; merge data per class)",
-        lambda r: (
-            f"{_size(r)}: {'merging only' if r['agg'] == 'avg' else _paper_name(AGGREGATORS, r['agg'], 'abbrev')}"
-        ),
-        row=lambda r: _paper_name(ALIGNERS, r["align"]) if r.model_role == "merged" else None,
-    ),
-    "np_fig1": Layout(
-        "NP Fig. 1 (accuracy vs number of merged models)",
-        lambda r: f"{'balanced' if r.split == 'same' else 'unbalanced'} K={r.num_models}",
-        row=lambda r: f"{r.method_label} ({r.strategy})" if r.model_role == "merged" else r.method_label,
-    ),
-    "ym_table1": Layout(
-        "YM Table 1 (MLP, MNIST vs rotated MNIST, accuracy % on the mixed test set)",
-        lambda r: f"{float(split_param(r.get('split_params'), 'angle', 0.0)):g}°",
-        angle_figure=True,
-    ),
-    "ym_table2": Layout("YM Table 2 (accuracy % on D_AB)", _ym2_column, row=_ym2_row),
-    "ym_table3": Layout("YM Table 3 (SPLIT-CIFAR10, STE with k examples per class)", lambda r: f"{_size(r)}/class"),
-    "ym_table8": Layout(
-        "YM Table 8 (SPLIT-CIFAR100 50+50, accuracy % on the full test set)", _ym2_column, row=_ym2_row
-    ),
-}
+LAYOUTS = layouts()
 
 GENERIC_KEYS = ["dataset", "scenario", "arch", "width", "norm", "num_models", "strategy", "merge_data", "repair"]
 
@@ -231,11 +146,6 @@ def _split_params_of(job: Path) -> str:
     data = OmegaConf.to_container(OmegaConf.load(config).get("data", {}), resolve=False)
     common = {f.name for f in dataclasses.fields(DataConfig)} | {"name", "split", "dataset"}
     return json.dumps({k: v for k, v in data.items() if k not in common})
-
-
-def paper_values(name: str) -> pd.DataFrame | None:
-    path = resources.files("mergebench") / "paper_tables" / f"{name}.csv"
-    return pd.read_csv(str(path)) if path.is_file() else None
 
 
 def place(df: pd.DataFrame, layout: Layout) -> pd.DataFrame:
