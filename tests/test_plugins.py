@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -19,7 +20,7 @@ import mergebench.align
 import mergebench.models
 from mergebench.align import ALIGNERS
 from mergebench.cli import CONF_DIR, register_default_recipes
-from mergebench.config import validate
+from mergebench.config import RunConfig, validate
 from mergebench.data.datasets import DATASETS
 from mergebench.data.splits import SPLITS
 from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
@@ -103,6 +104,14 @@ def plugin_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     sys.modules.pop("mergebench.align.reverse", None)
 
 
+def compose_and_run(overrides: list[str], out: Path) -> tuple[RunConfig, pd.DataFrame]:
+    """The run a CLI command with these overrides makes, in `out`."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = validate(compose("config", overrides=overrides))
+    out.mkdir()
+    return cfg, run(cfg, out)
+
+
 def test_a_new_aligner_is_one_module_and_one_yaml(plugin_dirs: Path) -> None:
     assert "reverse" in ALIGNERS.names()  # found by the registry, registered by nothing but its own module
     overrides = [
@@ -112,12 +121,8 @@ def test_a_new_aligner_is_one_module_and_one_yaml(plugin_dirs: Path) -> None:
         "train.epochs=1",
         f"cache_dir={plugin_dirs / 'cache'}",
     ]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = validate(compose("config", overrides=overrides))
+    cfg, df = compose_and_run(overrides, plugin_dirs / "out")
     assert cfg.align.name == "reverse" and cfg.align.params.groups == 2  # the YAML's value, through its dataclass
-    out = plugin_dirs / "out"
-    out.mkdir()
-    df = run(cfg, out)
     merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]
     assert list(merged.method_label) == ["Reverse"] and list(merged["align"]) == ["reverse"]
     assert json.loads(merged.diagnostics.iloc[0])["align_reversed"] == 2
@@ -231,12 +236,8 @@ def test_a_new_architecture_is_one_module_and_one_yaml(tmp_path: Path, monkeypat
             "train.lr=0.01",
             f"cache_dir={tmp_path / 'cache'}",
         ]
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            cfg = validate(compose("config", overrides=overrides))
+        cfg, df = compose_and_run(overrides, tmp_path / "out")
         assert cfg.train.optimizer == "sgd" and cfg.train.batch_size == 500  # TrainConfig's defaults
-        out = tmp_path / "out"
-        out.mkdir()
-        df = run(cfg, out)
     finally:
         sys.modules.pop("mergebench.models.tinyconv", None)
     merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]
