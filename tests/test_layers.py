@@ -21,6 +21,7 @@ LAYERS = {
     "mergebench.checkpoints": 0,
     "mergebench.progress": 0,
     "mergebench.pause": 0,
+    "mergebench.modes": 0,
     "mergebench.zoo": 0,
     "mergebench.data": 1,
     "mergebench.context": 1,

@@ -355,3 +355,15 @@ def test_merging_a_planted_copy_gives_model_a_back(arch: str, method: str) -> No
     assert info["spec"] == "traced"
     with torch.no_grad():
         torch.testing.assert_close(merged(x), model_a(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tracing_and_checking_leave_every_modules_mode_as_it_was() -> None:
+    """A model in train mode with one submodule frozen in eval mode (a common fine-tuning set-up) comes back so."""
+    from mergebench.spec.verify import checked_spec
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+    model[1].eval()
+    before = [m.training for m in model.modules()]
+    trace_spec(model, torch.randn(4, 4))
+    checked_spec([model, model], torch.randn(4, 4), 3, seed=0)
+    assert [m.training for m in model.modules()] == before

@@ -36,6 +36,7 @@ from mergebench.errors import ConfigError
 from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
 from mergebench.merge.registry import Methods
 from mergebench.merge.strategies import check_combination
+from mergebench.modes import evaluating
 from mergebench.registry import Component, Registry
 from mergebench.spec.verify import VERIFY_BATCH, checked_spec
 
@@ -172,16 +173,11 @@ def merge_tensors(data: MergeInput, device: torch.device) -> tuple[Tensor, Tenso
 
 def _forward_error(model: nn.Module, x: Tensor) -> str | None:
     """Why `model` cannot take `x` (one eval-mode forward of two samples, no gradients, its modes restored), or None."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(x[:2])
     except Exception as err:  # whatever the user's forward raises on these inputs is the reason
         return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-    finally:
-        for module, training in modes.items():
-            module.training = training
     return None
 
 

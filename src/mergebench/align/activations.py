@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from mergebench.modes import evaluating, forward_hooks
 from mergebench.spec import PermutationSpec, ProbeView, probe_module
 
 
@@ -167,29 +168,20 @@ def stacked_moments(
     (no architecture here does; the streaming test would catch it).
     """
     accumulators = {g: StackedMoments(len(models)) for g in (spec.probes if groups is None else groups)}
-    handles = []
+    hooks = []
     for k, model in enumerate(models):
         modules = dict(model.named_modules())
         for group, acc in accumulators.items():
             for probe in spec.probes[group]:
                 view = spec.probe_views.get(probe, CHANNELS_FIRST)
-                hook = _units_to(acc.outputs[k].append, view)
-                handles.append(modules[probe_module(probe)].register_forward_hook(hook))
-    modes = [model.training for model in models]
-    try:
-        for model in models:
-            model.eval()
+                hooks.append((modules[probe_module(probe)], _units_to(acc.outputs[k].append, view)))
+    with forward_hooks(hooks), evaluating(*models):
         for x, _ in batches:
             for chunk in x.split(STATS_CHUNK):  # eval mode: per-sample, so chunking changes nothing but memory
                 for model in models:
                     model(chunk)
                 for acc in accumulators.values():
                     acc.fold()
-    finally:
-        for handle in handles:
-            handle.remove()
-        for model, mode in zip(models, modes, strict=True):
-            model.train(mode)
     return accumulators
 
 

@@ -49,6 +49,7 @@ from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches, selection_key
+from mergebench.modes import evaluating, forward_hooks
 from mergebench.registry import Component
 from mergebench.spec import PermutationSpec, Transform, apply_transforms, probe_module
 from mergebench.weights import mean_model
@@ -258,14 +259,11 @@ def find_cut(spec: PermutationSpec, model: nn.Module, x: Tensor, stop_at: str) -
     events: list[str] = []
     modules = dict(model.named_modules())
     probed = {probe_module(p) for probes in spec.probes.values() for p in probes}
-    handles = [modules[p].register_forward_hook(functools.partial(_note_call, events, p)) for p in sorted(probed)]
-    mode = model.training
-    model.eval()
-    try:
+    with (
+        evaluating(model),
+        forward_hooks((modules[p], functools.partial(_note_call, events, p)) for p in sorted(probed)),
+    ):
         logits = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
     modules_of = {g: {probe_module(p) for p in probes} for g, probes in spec.probes.items()}
     fired = {g: [i for i, e in enumerate(events) if e in found] for g, found in modules_of.items()}
     last = {g: calls[-1] for g, calls in fired.items() if calls}
@@ -280,10 +278,8 @@ def find_cut(spec: PermutationSpec, model: nn.Module, x: Tensor, stop_at: str) -
         replaced = _head_output(model, cut, x.roll(1, dims=0), units)
         return torch.allclose(replaced, logits, rtol=1e-4, atol=1e-5 * (1 + logits.abs().max().item()))
 
-    try:
+    with evaluating(model):
         allowed = [g for g in spec.groups if g in last and is_bottleneck(cut_after(g))]
-    finally:
-        model.train(mode)
     if stop_at not in allowed:
         raise ConfigError(
             f"align.stop_at={stop_at!r} is not a group after which the network can be cut; allowed: "

@@ -47,6 +47,7 @@ from torch import Tensor, fx, nn
 from torch.func import functional_call
 
 from mergebench.errors import ConfigError
+from mergebench.modes import evaluating
 from mergebench.spec import Part, PermutationSpec, ProbeView
 
 FIXED = 0
@@ -1124,11 +1125,9 @@ def trace_spec(model: nn.Module, example: Tensor) -> TracedSpec:
     start = time.perf_counter()
     tracer = fx.Tracer()
     tracer.record_stack_traces = True  # warnings name the user's source line
-    modes = {m: m.training for m in model.modules()}
     # traced in eval mode: a drop path written as `if self.training: x * rand(...)` is then the identity it is at
     # inference, not random ops that would cut the residual stream it sits on
-    model.eval()
-    try:
+    with evaluating(model):
         try:
             gm = fx.GraphModule(model, tracer.trace(model))
         except Exception as err:
@@ -1140,9 +1139,6 @@ def trace_spec(model: nn.Module, example: Tensor) -> TracedSpec:
                 f"running the traced {type(model).__name__} on an input of shape {list(example.shape)} failed: "
                 f"{(str(err).strip().splitlines() or [type(err).__name__])[0]}"
             ) from None
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     state = model.state_dict(keep_vars=True)
     names: dict[int, str] = {}
     for name, tensor in state.items():

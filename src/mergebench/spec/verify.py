@@ -29,6 +29,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_leaves
 
 from mergebench.errors import ConfigError
+from mergebench.modes import restored_modes
 from mergebench.spec import PermutationSpec, Transform, apply_transforms
 from mergebench.spec.trace import model_spec
 
@@ -181,13 +182,11 @@ def _seeded(seed: int, like: Tensor) -> Iterator[None]:
 @contextlib.contextmanager
 def _restored(model: nn.Module) -> Iterator[None]:
     """The model's modes and buffers (train mode updates running statistics) as they were, afterwards."""
-    modes = {m: m.training for m in model.modules()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     try:
-        yield
+        with restored_modes(model):
+            yield
     finally:
-        for m, training in modes.items():
-            m.training = training
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
 
