@@ -9,6 +9,8 @@ BN downsample, 1000 classes; torchvision cannot be imported here) with PyTorch's
 only its parameters are scored, as the aligner does. `--cases resnet26d` adds a timm-style ResNet-26d (deep
 3-conv stem, average-pool downsample, Bottleneck blocks [2, 2, 2, 2]).
 
+The record also times `checked_spec` (trace + the per-merge check) on each pair, the fastest of --repeats.
+
     python scripts/bench_wm_resnet50.py [--pairs 1] [--repeats 1] [--threads 1] [--before d19e55e|none]
         [--cases resnet50 resnet26d] [--init default|torchvision] [--solvers auto scipy lap]
 
@@ -38,6 +40,7 @@ from torch import Tensor, nn
 from mergebench.align import weight_matching as wm
 from mergebench.bench_record import write_record
 from mergebench.spec.trace import trace_spec
+from mergebench.spec.verify import checked_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE = "d19e55e"  # the last commit with per-tensor cost shares summed in float64 at every step, scipy's LAP
@@ -194,6 +197,19 @@ def run(
     }
 
 
+def check_seconds(model_a: nn.Module, model_b: nn.Module, repeats: int) -> float:
+    """The fastest of `repeats` wall times of what every merge runs before aligning: `checked_spec` (trace model A,
+    check the spec on model B) on a 4×3×32×32 batch, after one warm-up call."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    checked_spec([model_a, model_b], x, None, seed=0)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        checked_spec([model_a, model_b], x, None, seed=0)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1, help="model pairs per case")
@@ -299,6 +315,9 @@ def main() -> None:
                 figures.append(
                     {"figure": "speed-up over first run", "value": speedup, "unit": "×", "case": case, "pair": pair}
                 )
+            seconds = check_seconds(model_a, model_b, args.repeats)
+            console.print(f"{case} pair {pair}: trace + check (checked_spec, 4×3×32×32) {seconds:.2f} s")
+            figures.append({"figure": "trace + check", "value": seconds, "unit": "s", "case": case, "pair": pair})
     console.print(table)
     console.print(
         "phases: setup (tensors, fixed sums), cost (matrices: GEMMs, updates), lap (the solver), gain (objective "
