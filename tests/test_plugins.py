@@ -70,7 +70,7 @@ import dataclasses
 
 import torch
 
-from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
+from mergebench.align.registry import ALIGNERS, Alignment, PairAlignment, pairwise_aligner
 from mergebench.spec import Transform
 
 
@@ -86,6 +86,17 @@ def align_reverse(params, ref, other, ctx):
     groups = ctx.spec.groups[: params.groups]
     flips = {g: Transform.permutation(torch.arange(ctx.spec.group_size(g, state)).flip(0)) for g in groups}
     return PairAlignment(flips, {"reversed": len(flips)})
+
+
+@ALIGNERS.register("reverse_all", label="Reverse all", abbrev="RA")
+def align_reverse_all(params, models, ctx):
+    """A joint aligner: every model, model 0 too, into one shared basis (its first group reversed)."""
+    group = ctx.spec.groups[0]
+    flip = Transform.permutation(torch.arange(ctx.spec.group_size(group, models[0].state_dict())).flip(0))
+    return Alignment([{group: flip} for _ in models], {"moved": len(models)})
+
+
+align_reverse_all.keeps_first = False
 '''
 
 
@@ -98,6 +109,8 @@ def plugin_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
     conf.mkdir(parents=True)
     (modules / "reverse.py").write_text(ALIGNER_MODULE)
     (conf / "reverse.yaml").write_text("name: reverse\ngroups: 2\n")
+    (conf / "reverse_all.yaml").write_text("name: reverse_all\n")
+    ALIGNERS.names()  # the built-in aligners registered first, so the copy restored afterwards holds them
     monkeypatch.setattr(mergebench.align, "__path__", [*mergebench.align.__path__, str(modules)])
     monkeypatch.setattr(ALIGNERS, "_entries", dict(ALIGNERS._entries))
     yield tmp_path
@@ -108,7 +121,7 @@ def compose_and_run(overrides: list[str], out: Path) -> tuple[RunConfig, pd.Data
     """The run a CLI command with these overrides makes, in `out`."""
     with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
         cfg = validate(compose("config", overrides=overrides))
-    out.mkdir()
+    out.mkdir(parents=True)
     return cfg, run(cfg, out)
 
 
@@ -126,6 +139,24 @@ def test_a_new_aligner_is_one_module_and_one_yaml(plugin_dirs: Path) -> None:
     merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]
     assert list(merged.method_label) == ["Reverse"] and list(merged["align"]) == ["reverse"]
     assert json.loads(merged.diagnostics.iloc[0])["align_reversed"] == 2
+
+
+def test_a_new_joint_aligner_is_one_module_and_one_yaml(plugin_dirs: Path) -> None:
+    """CONTRIBUTING.md's joint recipe: K models in, a transform per model out; MergeMany, which needs a fixed
+    reference, runs it on all three models at once."""
+    overrides = [
+        f"hydra.searchpath=[file://{plugin_dirs / 'conf'}]",
+        "align=reverse_all",
+        "strategy=merge_many",
+        "data.num_models=3",
+        "model.hidden=[16,16]",
+        "train.epochs=1",
+        f"cache_dir={plugin_dirs / 'cache'}",
+    ]
+    _, df = compose_and_run(overrides, plugin_dirs / "out")
+    merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]
+    assert list(merged.method_label) == ["Reverse all"]
+    assert json.loads(merged.diagnostics.iloc[0])["align_moved"] == 3
 
 
 CORE_FILES = ["config.py", "run.py", "cli.py", "plots.py", "spec/verify.py"]
@@ -224,6 +255,7 @@ def test_a_new_architecture_is_one_module_and_one_yaml(tmp_path: Path, monkeypat
         folder.mkdir(parents=True)
     (modules / "tinyconv.py").write_text(ARCHITECTURE_MODULE)
     (conf / "model" / "tinyconv.yaml").write_text("name: tinyconv\nchannels: 8\n")
+    MODELS.names()  # the built-in models registered first, so the copy restored afterwards holds them
     monkeypatch.setattr(mergebench.models, "__path__", [*mergebench.models.__path__, str(modules)])
     monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))
     register_default_recipes()
@@ -255,3 +287,55 @@ def test_every_preset_has_its_paper_layout_and_every_layout_its_preset() -> None
 
     presets = {OmegaConf.load(p).name for p in (CONF_DIR / "experiment").glob("*.yaml")}
     assert presets == set(layouts())
+
+
+PAPER_MODULE = """
+\"\"\"A throw-away paper: one table.\"\"\"
+
+from mergebench.papers import Layout, register
+
+register("toy_table1", Layout("Toy Table 1 (accuracy %)", lambda r: f"{r.dataset}, hidden 16"))
+"""
+
+PAPER_PRESET = """# @package _global_
+name: toy_table1
+model:
+  hidden: [16, 16]
+train:
+  epochs: 1
+hydra:
+  sweeper:
+    params:
+      seed: 0,1
+"""
+
+
+def test_a_new_paper_preset_is_one_module_and_one_yaml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CONTRIBUTING.md's paper recipe: a module in papers/ registering the layout by the preset's name, and the
+    preset; the preset's runs are reported in the paper's layout (no numbers of its own to show beside)."""
+    import mergebench.papers
+    from mergebench.report import main as report_main
+
+    modules, conf = tmp_path / "modules", tmp_path / "conf" / "experiment"
+    for folder in (modules, conf):
+        folder.mkdir(parents=True)
+    (modules / "toy.py").write_text(PAPER_MODULE)
+    (conf / "toy_table1.yaml").write_text(PAPER_PRESET)
+    monkeypatch.setattr(mergebench.papers, "__path__", [*mergebench.papers.__path__, str(modules)])
+    saved = dict(mergebench.papers.LAYOUTS)
+    try:
+        for seed in (0, 1):
+            overrides = [
+                f"hydra.searchpath=[file://{conf.parent}]",
+                "experiment=toy_table1",
+                f"seed={seed}",
+                f"cache_dir={tmp_path / 'cache'}",
+            ]
+            compose_and_run(overrides, tmp_path / "sweep" / str(seed))
+        assert report_main([str(tmp_path / "sweep"), "--paper", "toy_table1"]) == 0
+    finally:
+        sys.modules.pop("mergebench.papers.toy", None)
+        mergebench.papers.LAYOUTS.clear()
+        mergebench.papers.LAYOUTS.update(saved)
+    table = (tmp_path / "sweep" / "tables" / "toy_table1.md").read_text()
+    assert "Toy Table 1" in table and "Direct averaging" in table and "(n=2)" in table

@@ -302,7 +302,7 @@ def _describe(df: pd.DataFrame, keys: list[str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mergebench-report", description=__doc__.splitlines()[0])
     parser.add_argument("folder", type=Path, help="a multirun (or run) folder")
-    parser.add_argument("--paper", choices=sorted(LAYOUTS), help="lay out as this paper table, with its numbers")
+    parser.add_argument("--paper", choices=sorted(layouts()), help="lay out as this paper table, with its numbers")
     parser.add_argument("--out", type=Path, help="where to write tables/ (default: FOLDER/tables)")
     parser.add_argument("--seeds", type=int, help="seeds planned per cell (default: the most any cell has)")
     parser.add_argument(

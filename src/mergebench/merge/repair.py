@@ -28,6 +28,7 @@ from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.merge.registry import REPAIRS
 from mergebench.models.layers import ChannelLayerNorm
+from mergebench.modes import evaluating, forward_hooks
 from mergebench.spec import PermutationSpec
 from mergebench.weights import has_batchnorm, reset_bn
 
@@ -148,16 +149,10 @@ def channel_stats(model: nn.Module, probes: Iterable[str], batches: Iterable[tup
     Only O(channels) per probe: REPAIR needs no cross-covariances, unlike the aligners' statistics pass."""
     modules = dict(model.named_modules())
     moments = {p: _Moments() for p in probes}
-    handles = [modules[p].register_forward_hook(lambda m, i, out, acc=acc: acc.add(out)) for p, acc in moments.items()]
-    training = model.training
-    model.eval()
-    try:
+    hooks = [(modules[p], lambda m, i, out, acc=acc: acc.add(out)) for p, acc in moments.items()]
+    with evaluating(model), forward_hooks(hooks):
         for x, _ in batches:
             model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
     return {p: acc.result() for p, acc in moments.items()}
 
 
