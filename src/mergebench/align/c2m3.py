@@ -31,11 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 from numpy.polynomial import polynomial
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from mergebench.align.registry import ALIGNERS, Alignment
-from mergebench.align.weight_matching import parameters
+from mergebench.align.weight_matching import assign, parameters
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.spec import PermutationSpec, Transform
@@ -149,12 +148,6 @@ def _best_step(coefs: np.ndarray) -> float:
     return max(candidates, key=lambda g: polynomial.polyval(g, coefs))
 
 
-def _assignment(scores: Tensor) -> Tensor:
-    """The permutation (index vector, on the scores' device) maximising Σ_i scores[i, perm[i]]."""
-    _, cols = linear_sum_assignment(scores.detach().cpu().numpy(), maximize=True)
-    return torch.from_numpy(cols).to(scores.device)
-
-
 def universe_matching(
     spec: PermutationSpec, states: list[Mapping[str, Tensor]], *, max_iter: int = 200
 ) -> tuple[list[dict[str, Tensor]], dict[str, Any]]:
@@ -191,7 +184,7 @@ def universe_matching(
         if len(history) > max_iter or flat >= PATIENCE:
             break
         for model_ops, grads in zip(ops, problem.gradients(ops, mapped)):
-            model_ops["P"] = {g: _assignment(grad) for g, grad in grads.items()}
+            model_ops["P"] = {g: assign(grad, "scipy") for g, grad in grads.items()}
         coefs = problem.line(ops)
         gamma = _best_step(coefs)
         if polynomial.polyval(gamma, coefs) <= coefs[0]:
@@ -203,7 +196,7 @@ def universe_matching(
         ]
     problem.memo.clear()
     identity = {g: torch.arange(n) for g, n in problem.sizes.items()}
-    perms = [identity] + [{g: _assignment(m).cpu() for g, m in model.items()} for model in mats]
+    perms = [identity] + [{g: assign(m, "scipy").cpu() for g, m in model.items()} for model in mats]
     objective = problem.objective(
         problem.mapped([{"P": {g: p.to(problem.device) for g, p in m.items()}} for m in perms[1:]], "P")
     )

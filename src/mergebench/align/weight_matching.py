@@ -375,7 +375,7 @@ class _Problem:
 
     def assign(self, cost: Tensor) -> Tensor:
         start = time.perf_counter()
-        cols = _assign(cost, self.solver)
+        cols = assign(cost, self.solver)
         self.seconds["lap"] += time.perf_counter() - start
         self.counts["solves"] += 1
         return cols
@@ -392,7 +392,7 @@ class _Problem:
         return total
 
 
-def _assign(cost: Tensor, solver: str | None = None) -> Tensor:
+def assign(cost: Tensor, solver: str | None = None) -> Tensor:
     """The LAP's maximising assignment, `cols[i]` = B's unit for A's unit i: PyPI `lap`'s Jonker-Volgenant
     solver where it is installed and n ≥ LAPJV_MIN, else scipy's `linear_sum_assignment`. On the 164 cost
     matrices of a random ResNet-50 pair (n = 64…2048) `lap` found scipy's assignment every time, in 0.8 s of CPU
@@ -542,7 +542,7 @@ def rematch_by_weights(
         held = current[group][rows]
         cost = problem.cost(group, current, versions, settled=False)[rows][:, held]
         out[group] = current[group].clone()
-        out[group][rows] = held[_assign(cost)]
+        out[group][rows] = held[assign(cost)]
     return {g: out[g].cpu() if g in out else p for g, p in perms.items()}
 
 
