@@ -83,8 +83,8 @@ def correlation_matching(stats: dict[str, GroupStats]) -> CorrelationMatch:
         corr = s.correlation().cpu()
         rows, cols = (torch.from_numpy(i) for i in linear_sum_assignment(corr.numpy(), maximize=True))
         perms[group] = cols
-        dead_a = (s.dead_a | dead_units(s.std_a, top_a)).cpu()
-        dead_b = (s.dead_b | dead_units(s.std_b, top_b)).cpu()
+        dead_a = dead_units(s.std_a, top_a).cpu()  # against the network's largest: includes the group's own dead
+        dead_b = dead_units(s.std_b, top_b).cpu()
         unplaced = dead_a[rows] | dead_b[cols]
         if unplaced.any():
             dead[group] = rows[unplaced]

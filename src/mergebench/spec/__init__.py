@@ -40,6 +40,11 @@ class Part:
     def size(self) -> int:
         return self.units * self.block
 
+    @property
+    def contiguous(self) -> bool:
+        """Whether the part's entries are one run (no interleaving stride)."""
+        return not self.stride or self.stride == self.block
+
     def entries(self) -> Tensor:
         """The axis entries of the part, unit by unit (each unit's `block` entries in a row)."""
         step = self.stride or self.block
@@ -194,7 +199,7 @@ def apply_transforms(
 
 def _take(t: Tensor, axis: int, part: Part) -> Tensor:
     """The part's entries of axis `axis`, unit by unit."""
-    if not part.stride or part.stride == part.block:
+    if part.contiguous:
         return t.narrow(axis, part.offset, part.size)
     return t.index_select(axis, part.entries().to(t.device))
 
@@ -205,7 +210,7 @@ def _apply_parts(
     """An axis made of parts: each part's units moved by its group's transform, blocks kept together. Contiguous
     parts are moved and concatenated in order (a transform may change a group's width: OT fusion); interleaved ones
     (a `stride`) are moved in place."""
-    if all(not p.stride or p.stride == p.block for p in parts):
+    if all(p.contiguous for p in parts):
         pieces = []
         for part in parts:
             piece = t.narrow(axis, part.offset, part.size)
