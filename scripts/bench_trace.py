@@ -5,7 +5,7 @@ spec): the median wall time of `trace_spec` and of `verify_spec` on one batch of
 merge crops them (`verification_input`; four forwards: eval and train, original and permuted), after one warm-up
 call (the first forward of a fresh process pays for kernel setup). ResNet20×16 has 74M parameters: each forward
 reads 300 MB of weights whatever the batch, so its check is bound by memory bandwidth, not by the input size.
-Then, for every architecture of tests/user_models.py at test widths, the table of the closing note: groups found,
+Then, for every architecture of tests/user_models.py at test widths, a table: groups found,
 groups with a probe, function preserved (max |Δlogit| / max |logit| under a random permutation of the traced
 spec), planted permutation recovered by weight matching, trace time. Figures go to outputs/bench/bench_trace.json.
 
