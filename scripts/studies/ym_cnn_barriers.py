@@ -4,7 +4,7 @@ and how the barrier changes with width (ResNet20 with BN, `reset_bn`).
 The barrier of a merge is `mean(top-1 of A, top-1 of B) - top-1 of the merge` on the test set; the fraction REPAIR
 removes is `(merge with repair - merge without) / (barrier without repair)`, per seed:
 
-    python scripts/ym_cnn_barriers.py outputs/cnn --out docs/results/cnn_fmnist
+    python scripts/studies/ym_cnn_barriers.py outputs/cnn --out docs/results/cnn_fmnist
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import pandas as pd
 
+from mergebench.report import load_rows
+
 
 def load(folder: Path) -> pd.DataFrame:
-    frames = [pd.read_csv(p) for p in sorted(folder.rglob("results.csv"))]
-    if not frames:
+    rows, _ = load_rows(folder)
+    if rows.empty:
         raise SystemExit(f"no results.csv under {folder}")
-    rows = pd.concat(frames, ignore_index=True)
     return rows[(rows.metric == "top1") & (rows.subset == "test")]
 
 

@@ -4,7 +4,7 @@
 the merged and base losses, the interpolation-curve barriers and the weight-matching diagnostics, plus every row it
 used, so that each file next to the table is rebuilt from the repository:
 
-    python scripts/ym_table1_extra.py RUNS_DIR --out docs/results/ym_table1
+    python scripts/studies/ym_table1_extra.py RUNS_DIR --out docs/results/ym_table1
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import re
 from pathlib import Path
 
 import pandas as pd
+
+from mergebench.report import load_rows
 
 ROWS = [  # (quantity, method_label, model_role, metric, subset)
     ("WM merged top-1 %", "Weight Matching", "merged", "top1", "test"),
@@ -40,11 +42,11 @@ def angle_of(scenario: str) -> float:
     return float(match.group(1))
 
 
-def load_rows(folder: Path) -> pd.DataFrame:
-    frames = [pd.read_csv(p) for p in sorted(folder.rglob("results.csv"))]
-    if not frames:
+def table1_rows(folder: Path) -> pd.DataFrame:
+    """The YM Table 1 runs' rows under `folder`, with their rotation `angle`."""
+    rows, _ = load_rows(folder)
+    if rows.empty:
         raise SystemExit(f"no results.csv under {folder}")
-    rows = pd.concat(frames, ignore_index=True)
     rows = rows[rows.experiment.astype(str).str.startswith("ym_table1")].copy()
     rows["angle"] = rows.scenario.map(angle_of)
     return rows
@@ -87,7 +89,7 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="the YM Table 1 multirun folder(s) root")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    rows = load_rows(args.folder)
+    rows = table1_rows(args.folder)
     long = tidy(rows)
     stats = long.groupby(["quantity", "angle"], sort=False).value.agg(["mean", "std", "count"]).reset_index()
     order = [q for q, *_ in ROWS] + ["WM passes", "WM objective"]
@@ -107,7 +109,7 @@ def main() -> None:
     lines = [header, "|---" * (len(wide.columns) + 1) + "|"]
     lines += [f"| {q} | " + " | ".join(str(v) for v in wide.loc[q]) + " |" for q in wide.index]
     n = int(stats["count"].max())
-    note = f"\nMean ± std over {n} seeds per angle; made by `python scripts/ym_table1_extra.py`.\n"
+    note = f"\nMean ± std over {n} seeds per angle; made by `python scripts/studies/ym_table1_extra.py`.\n"
     (args.out / "ym_table1_extra.md").write_text("\n".join(lines) + "\n" + note)
     print((args.out / "ym_table1_extra.md").read_text())
 

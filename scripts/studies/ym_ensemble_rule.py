@@ -6,7 +6,7 @@ log-probabilities. Each model's log-softmax shifts its logits by a log-sum-exp t
 example, so the two rules pick the same classes; averaging probabilities does not. This script rebuilds the run's base
 models from the model cache and scores the three rules on the run's test set:
 
-    python scripts/ym_ensemble_rule.py --out docs/results/ym_table2/ensemble_rule.csv \\
+    python scripts/studies/ym_ensemble_rule.py --out docs/results/ym_table2/ensemble_rule.csv \\
         --job "experiment=ym_table2 scenario=mnist_rmnist90 seed=0 cache_dir=outputs/ym_final2/cache" [--job ...]
 
 Each --job is the overrides of one CLI run (its base models must be in its cache_dir).

@@ -2,7 +2,7 @@
 bilinear, zero fill, which is PIL's `Image.rotate(angle, BILINEAR, fillcolor=0)`. Per angle, the pixel differences
 on MNIST test images for our bilinear and our nearest mode against PIL's bilinear (uint8 levels 0-255):
 
-    python scripts/ym_rotation_check.py --out docs/results/ym_table1_ablation/rotation_vs_pil.csv
+    python scripts/studies/ym_rotation_check.py --out docs/results/ym_table1_ablation/rotation_vs_pil.csv
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `mergebench-report --paper ym_table2` gives mean ± std per cell; this script keeps every run's value beside it, so the
 per-seed numbers quoted in docs/results/README.md are files of the repository:
 
-    python scripts/ym_table2_runs.py outputs/ym_final2/ym_table2 --out docs/results/ym_table2/runs.csv
+    python scripts/studies/ym_table2_runs.py outputs/ym_final2/ym_table2 --out docs/results/ym_table2/runs.csv
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
+from mergebench.report import load_rows
 
 COLUMNS = ["scenario", "seed", "method_label", "model_role", "metric", "value", "align", "wm_objective", "wm_passes"]
 
@@ -22,10 +22,9 @@ def main() -> None:
     parser.add_argument("folder", type=Path, help="a YM Table 2 multirun folder (or a folder of them)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    frames = [pd.read_csv(p) for p in sorted(args.folder.rglob("results.csv"))]
-    if not frames:
+    rows, _ = load_rows(args.folder)
+    if rows.empty:
         raise SystemExit(f"no results.csv under {args.folder}")
-    rows = pd.concat(frames, ignore_index=True)
     rows = rows[rows.metric.isin(["top1", "loss"]) & (rows.subset == "test")].copy()
 
     def diag(text: object, key: str) -> object:

@@ -4,8 +4,8 @@ Each configuration is one factor changed from a reference recipe; its runs live 
 (one multirun per seed, made by the command printed with `--commands`). This script gathers their results.csv
 rows into one CSV per configuration and a summary table (markdown and CSV):
 
-    python scripts/ym_table1_ablation.py ROOT --out docs/results/ym_table1_ablation
-    python scripts/ym_table1_ablation.py ROOT --commands    # the commands that make ROOT
+    python scripts/studies/ym_table1_ablation.py ROOT --out docs/results/ym_table1_ablation
+    python scripts/studies/ym_table1_ablation.py ROOT --commands    # the commands that make ROOT
 """
 
 from __future__ import annotations
@@ -14,9 +14,12 @@ import argparse
 import dataclasses
 import json
 import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pandas as pd
+
+from mergebench.report import load_rows
 
 PAPER = {0.0: 98.49, 15.0: 97.53, 30.0: 94.69, 45.0: 89.68, 60.0: 80.33, 75.0: 74.19, 90.0: 70.86}  # YM Table 1, WM
 SGD = "train.optimizer=sgd train.lr=0.1 train.momentum=0.9 train.weight_decay=0 train.schedule=constant"
@@ -169,16 +172,13 @@ def angle_of(scenario: str) -> float:
     return float(match.group(1)) if match else float("nan")
 
 
-def read_runs(root: Path, config: Config, preset: Path | None = None) -> pd.DataFrame | None:
-    paths = (
-        sorted(preset.rglob("results.csv"))
-        if preset is not None
-        else sorted(root.glob(f"{config.name}_s*/*/results.csv"))
-    )
-    frames = [pd.read_csv(p) for p in paths]
-    if not frames:
-        return None
-    return pd.concat(frames, ignore_index=True).assign(config=config.name)
+def config_rows(rows: pd.DataFrame, root: Path, config: Config) -> pd.DataFrame | None:
+    """The rows of the configuration's jobs (`ROOT/<name>_s<seed>/<job>/`) among the report's rows under ROOT."""
+    if not rows.empty:
+        jobs = {job: Path(job).relative_to(root).parts for job in rows.job.unique()}
+        ours = [job for job, parts in jobs.items() if len(parts) == 2 and fnmatchcase(parts[0], f"{config.name}_s*")]
+        rows = rows[rows.job.isin(ours)]
+    return None if rows.empty else rows.assign(config=config.name)
 
 
 def gather(rows: pd.DataFrame) -> pd.DataFrame:
@@ -276,9 +276,12 @@ def main() -> None:
         parser.error("--out is required unless --commands")
     args.out.mkdir(parents=True, exist_ok=True)
     rows, diagnostics = [], []
-    configs = [(c, None) for c in CONFIGS] + ([(PRESET, args.preset)] if args.preset is not None else [])
-    for config, preset in configs:
-        runs = read_runs(args.root, config, preset)
+    ablation, _ = load_rows(args.root)
+    configs = [(c, config_rows(ablation, args.root, c)) for c in CONFIGS]
+    if args.preset is not None:  # every row of the preset's multirun
+        preset, _ = load_rows(args.preset)
+        configs.append((PRESET, None if preset.empty else preset.assign(config=PRESET.name)))
+    for config, runs in configs:
         if runs is None:
             continue
         diagnostics.append(wm_diagnostics(runs))
