@@ -30,8 +30,8 @@ from torch import nn
 from mergebench.bench_record import write_record
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.loader import Batches
-from mergebench.merge.loop import adam_epochs, learn_blend
-from mergebench.merge.np_merge import ParameterBlend
+from mergebench.merging.loop import adam_epochs, learn_blend
+from mergebench.merging.np_merge import ParameterBlend
 from mergebench.models import MODELS, ModelInput
 from mergebench.progress import console
 

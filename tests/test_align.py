@@ -21,7 +21,7 @@ from mergebench.context import MergeContext
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.merge_data import MergeData
 from mergebench.evaluate import evaluate_batches
-from mergebench.merge.strategies import Methods, align_to
+from mergebench.merging.strategies import Methods, align_to
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import to_dataclass
 from mergebench.spec import PermutationSpec, Transform, apply_transforms, random_permutations

@@ -6,7 +6,10 @@ the wrong form and for inputs the models do not take."""
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -257,8 +260,47 @@ def test_example_inputs_set_what_the_spec_check_runs_on() -> None:
         mergebench.merge([tokens(0), tokens(1)], align="weight_matching")
 
 
-def test_the_callable_package_shows_the_functions_signature() -> None:
-    """`mergebench.merge` is also a subpackage; what IDEs and notebooks show for it is the function's signature."""
+def test_merge_is_the_function_and_its_methods_the_merging_subpackage() -> None:
+    """`mergebench.merge` is the API's function itself (what IDEs and notebooks show is its signature), and the
+    aggregators, repairs and strategies are the subpackage `mergebench.merging`: no module is named
+    `mergebench.merge`, so no import of a submodule rebinds the function."""
+    import mergebench.merging.avg
+    from mergebench.api import merge
+    from mergebench.merging import AGGREGATORS
+
+    assert mergebench.merge is merge and inspect.isfunction(mergebench.merge)
+    assert AGGREGATORS.get("avg").factory is mergebench.merging.avg.aggregate_avg
     parameters = inspect.signature(mergebench.merge).parameters
     assert {"models", "align", "agg", "repair", "data", "example_inputs"} <= parameters.keys()
     assert parameters["data"].default is None
+    assert "merge" in dir(mergebench) and "merging" not in mergebench.__all__
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("mergebench.merge")
+
+
+FRESH_IMPORTS = """
+import sys
+import mergebench
+assert "torch" not in sys.modules and "mergebench.merging" not in sys.modules, "import mergebench stays light"
+import mergebench.merging.avg  # a submodule first, as a plugin or a script does
+import mergebench.merging as merging
+from mergebench.merging.registry import AGGREGATORS
+assert mergebench.merging is merging and AGGREGATORS.get("avg").factory is merging.avg.aggregate_avg
+from mergebench import merge
+import torch
+from torch import nn
+models = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
+merged, diagnostics = mergebench.merge(models, align="weight_matching")
+assert mergebench.merge is merge and isinstance(merged, nn.Sequential) and diagnostics["alpha"] == 0.5
+import mergebench.merging.strategies  # and after a call, still the function
+assert mergebench.merge is merge
+print("ok")
+"""
+
+
+def test_submodule_imports_and_the_function_in_a_fresh_interpreter() -> None:
+    """The order a user's program imports in cannot turn `mergebench.merge` into a module: a fresh interpreter
+    imports the subpackage's modules, calls `mergebench.merge(...)`, imports more, and the name is still the
+    function; a bare `import mergebench` loads neither torch nor the merge methods."""
+    proc = subprocess.run([sys.executable, "-c", FRESH_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

@@ -13,9 +13,9 @@ from torch import Tensor, nn
 from mergebench.align import ALIGNERS
 from mergebench.align.c2m3 import between, universe_matching
 from mergebench.align.weight_matching import parameters
-from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
-from mergebench.merge.registry import Methods
-from mergebench.merge.strategies import StrategyParams
+from mergebench.merging import AGGREGATORS, REPAIRS, STRATEGIES
+from mergebench.merging.registry import Methods
+from mergebench.merging.strategies import StrategyParams
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import Component
 from mergebench.spec import PermutationSpec, Transform, apply_transforms, random_permutations

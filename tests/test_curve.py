@@ -14,8 +14,8 @@ from mergebench.data.datasets import load_dataset
 from mergebench.data.merge_data import MergeData
 from mergebench.errors import ConfigError
 from mergebench.evaluate import metrics, predict
-from mergebench.merge import REPAIRS
-from mergebench.merge.curve import barrier, barriers, curve_alphas, interpolation_curve
+from mergebench.merging import REPAIRS
+from mergebench.merging.curve import barrier, barriers, curve_alphas, interpolation_curve
 from mergebench.models import MODELS, ModelInput
 from mergebench.run import run
 

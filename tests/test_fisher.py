@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from mergebench.merge.fisher import FisherParams, aggregate_fisher, diagonal_fisher, fisher_combine
+from mergebench.merging.fisher import FisherParams, aggregate_fisher, diagonal_fisher, fisher_combine
 
 
 def random_state(seed: int) -> dict[str, torch.Tensor]:

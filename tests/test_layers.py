@@ -28,10 +28,10 @@ LAYERS = {
     "mergebench.evaluate": 1,
     "mergebench.weights": 1,
     "mergebench.align.registry": 2,
-    "mergebench.merge.registry": 2,
+    "mergebench.merging.registry": 2,
     "mergebench.models.registry": 2,
     "mergebench.align": 3,
-    "mergebench.merge": 3,
+    "mergebench.merging": 3,
     "mergebench.models": 3,
 }
 
@@ -94,7 +94,7 @@ def test_aligners_import_no_merge_method_and_specs_no_plugin() -> None:
     for path in sorted(SRC.rglob("*.py")):
         name = module_name(path)
         for target in imported(ast.parse(path.read_text())):
-            if name.startswith("mergebench.align") and target.startswith("mergebench.merge"):
+            if name.startswith("mergebench.align") and target.startswith("mergebench.merging"):
                 wrong.append(f"{name} imports {target}")
             if name.startswith("mergebench.spec") and layer(target) > 0:
                 wrong.append(f"{name} imports {target}")

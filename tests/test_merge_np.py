@@ -18,11 +18,11 @@ from mergebench.config import Component, validate
 from mergebench.data.loader import Batches
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches
-from mergebench.merge import AGGREGATORS, REPAIRS
-from mergebench.merge.avg import AvgParams, aggregate_avg
-from mergebench.merge.finetune import FinetuneParams, aggregate_finetune
-from mergebench.merge.np_merge import NPParams, ParameterBlend, aggregate_np
-from mergebench.merge.strategies import Methods, all_to_one
+from mergebench.merging import AGGREGATORS, REPAIRS
+from mergebench.merging.avg import AvgParams, aggregate_avg
+from mergebench.merging.finetune import FinetuneParams, aggregate_finetune
+from mergebench.merging.np_merge import NPParams, ParameterBlend, aggregate_np
+from mergebench.merging.strategies import Methods, all_to_one
 from mergebench.models import MODELS, ModelInput
 from mergebench.spec import apply_transforms, random_permutations
 from mergebench.weights import reset_bn

@@ -23,7 +23,7 @@ from mergebench.cli import CONF_DIR, register_default_recipes
 from mergebench.config import RunConfig, validate
 from mergebench.data.datasets import DATASETS
 from mergebench.data.splits import SPLITS
-from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
+from mergebench.merging import AGGREGATORS, REPAIRS, STRATEGIES
 from mergebench.models import MODELS, ModelInput
 from mergebench.registry import Registry
 from mergebench.run import run

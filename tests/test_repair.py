@@ -14,7 +14,7 @@ from mergebench.config import validate
 from mergebench.data.datasets import load_dataset
 from mergebench.data.loader import Batches
 from mergebench.errors import ConfigError
-from mergebench.merge.repair import InsertedNorms, channel_stats, goal_stats, repair, repair_sites
+from mergebench.merging.repair import InsertedNorms, channel_stats, goal_stats, repair, repair_sites
 from mergebench.models import MODELS, ModelInput
 from mergebench.run import run
 from mergebench.spec import PermutationSpec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergebench.merge.soup import SoupParams, aggregate_soup
+from mergebench.merging.soup import SoupParams, aggregate_soup
 from tests.digits_pair import DigitsPair, digits_models
 
 

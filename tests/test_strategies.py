@@ -13,9 +13,9 @@ from mergebench.align import ALIGNERS
 from mergebench.align.registry import PairAlignment, pairwise_aligner
 from mergebench.config import Component
 from mergebench.data.merge_data import MergeData
-from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
-from mergebench.merge.avg import AvgParams, aggregate_avg
-from mergebench.merge.strategies import Methods, StrategyParams, all_to_one, merge_many, pairwise
+from mergebench.merging import AGGREGATORS, REPAIRS, STRATEGIES
+from mergebench.merging.avg import AvgParams, aggregate_avg
+from mergebench.merging.strategies import Methods, StrategyParams, all_to_one, merge_many, pairwise
 from mergebench.models import MODELS, ModelInput
 from mergebench.spec import Transform, random_permutations
 from tests.digits_pair import digits_context
@@ -149,7 +149,7 @@ def test_unknown_strategy_and_bad_rounds_fail_clearly() -> None:
 
 
 def test_transform_identity_detection_ignores_dense_maps() -> None:
-    from mergebench.merge.strategies import is_identity
+    from mergebench.merging.strategies import is_identity
 
     assert is_identity({"h0": Transform.permutation(torch.arange(4))})
     assert not is_identity({"h0": Transform.permutation(torch.tensor([1, 0, 2, 3]))})

@@ -16,9 +16,9 @@ from mergebench.align.registry import Alignment
 from mergebench.align.zipit import ZipItParams, ZippedModel, zip_features
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge import AGGREGATORS, REPAIRS
-from mergebench.merge.registry import Merged
-from mergebench.merge.strategies import Methods, StrategyParams, all_to_one, pairwise
+from mergebench.merging import AGGREGATORS, REPAIRS
+from mergebench.merging.registry import Merged
+from mergebench.merging.strategies import Methods, StrategyParams, all_to_one, pairwise
 from mergebench.registry import Component
 from mergebench.spec import apply_transforms, random_permutations
 from tests.test_align import build, fake_context, with_state

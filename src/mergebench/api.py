@@ -33,9 +33,9 @@ from mergebench.context import MergeContext
 from mergebench.data.datasets import DatasetInfo, ImageData
 from mergebench.data.merge_data import MergeData
 from mergebench.errors import ConfigError
-from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES
-from mergebench.merge.registry import Methods
-from mergebench.merge.strategies import check_combination
+from mergebench.merging import AGGREGATORS, REPAIRS, STRATEGIES
+from mergebench.merging.registry import Methods
+from mergebench.merging.strategies import check_combination
 from mergebench.modes import evaluating
 from mergebench.registry import Component, Registry
 from mergebench.spec.verify import VERIFY_BATCH, checked_spec

@@ -21,8 +21,8 @@ from mergebench.data.datasets import DATASETS, NORMALIZE_MODES
 from mergebench.data.merge_data import MergeDataConfig
 from mergebench.data.splits import SPLITS, Split
 from mergebench.errors import ConfigError, suggest
-from mergebench.merge import AGGREGATORS, REPAIRS, STRATEGIES, Aggregator, Repair, Strategy
-from mergebench.merge.strategies import check_combination
+from mergebench.merging import AGGREGATORS, REPAIRS, STRATEGIES, Aggregator, Repair, Strategy
+from mergebench.merging.strategies import check_combination
 from mergebench.models import MODELS, ModelBuilder
 from mergebench.registry import Component, Registry, to_dataclass
 

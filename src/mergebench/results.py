@@ -12,7 +12,7 @@ from rich.table import Table
 
 from mergebench.align import ALIGNERS
 from mergebench.cache import atomic_write_text
-from mergebench.merge import AGGREGATORS, REPAIRS
+from mergebench.merging import AGGREGATORS, REPAIRS
 
 COLUMNS = [
     "run_id", "experiment", "dataset", "split", "arch", "width", "norm", "num_models", "seed",

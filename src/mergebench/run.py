@@ -29,9 +29,9 @@ from mergebench.data.loader import Batches
 from mergebench.data.merge_data import MergeData, select_merge_data
 from mergebench.data.splits import Scenario, SplitRequest
 from mergebench.errors import ConfigError
-from mergebench.merge.curve import CURVE_AGG, barriers, interpolation_curve
-from mergebench.merge.registry import Merged
-from mergebench.merge.strategies import Methods, align_to
+from mergebench.merging.curve import CURVE_AGG, barriers, interpolation_curve
+from mergebench.merging.registry import Merged
+from mergebench.merging.strategies import Methods, align_to
 from mergebench.pause import pause_point
 from mergebench.progress import announce
 from mergebench.references import REFERENCES, BaseModels, RunModels, base_models

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mergebench.align import ALIGNERS
-from mergebench.merge import AGGREGATORS
+from mergebench.merging import AGGREGATORS
 from mergebench.papers import Layout, register
 from mergebench.papers.names import ARCH_NAMES, DATASET_NAMES, SPLIT_NAMES, merge_data_size, paper_name
 

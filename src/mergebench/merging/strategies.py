@@ -22,7 +22,7 @@ from mergebench.align.registry import Assemble
 from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.registry import STRATEGIES, Merged, Methods
+from mergebench.merging.registry import STRATEGIES, Merged, Methods
 from mergebench.spec import Transform, apply_transforms
 from mergebench.weights import mean_model, uniform_weights
 

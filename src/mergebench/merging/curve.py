@@ -15,7 +15,7 @@ from typing import Any
 from torch import nn
 
 from mergebench.context import MergeContext
-from mergebench.merge.avg import AvgParams, aggregate_avg
+from mergebench.merging.avg import AvgParams, aggregate_avg
 
 # metric -> (the barrier's name, +1 when higher is better)
 BARRIER_METRICS = {"top1": ("acc_barrier", 1.0), "loss": ("loss_barrier", -1.0)}

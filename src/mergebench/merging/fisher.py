@@ -25,7 +25,7 @@ from torch.func import functional_call, grad, vmap
 from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.registry import AGGREGATORS, Merged
+from mergebench.merging.registry import AGGREGATORS, Merged
 from mergebench.weights import interpolation_weights, weighted_state
 
 PER_EXAMPLE_BYTES = 2**28  # memory one vmap chunk of per-example gradients may take (float32 copies of the params)

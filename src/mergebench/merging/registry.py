@@ -81,6 +81,6 @@ class Strategy(Protocol):
     def __call__(self, params: Any, models: list[nn.Module], methods: Methods, ctx: MergeContext) -> Merged: ...
 
 
-AGGREGATORS: Registry[Aggregator] = Registry("agg", "mergebench.merge")
-REPAIRS: Registry[Repair] = Registry("repair", "mergebench.merge")
-STRATEGIES: Registry[Strategy] = Registry("strategy", "mergebench.merge")
+AGGREGATORS: Registry[Aggregator] = Registry("agg", "mergebench.merging")
+REPAIRS: Registry[Repair] = Registry("repair", "mergebench.merging")
+STRATEGIES: Registry[Strategy] = Registry("strategy", "mergebench.merging")

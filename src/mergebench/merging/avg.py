@@ -10,7 +10,7 @@ from torch import nn
 from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.registry import AGGREGATORS, Merged
+from mergebench.merging.registry import AGGREGATORS, Merged
 from mergebench.weights import interpolation_weights, weighted_state
 
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.registry import REPAIRS
+from mergebench.merging.registry import REPAIRS
 from mergebench.models.layers import ChannelLayerNorm
 from mergebench.modes import evaluating, forward_hooks
 from mergebench.spec import PermutationSpec

@@ -19,8 +19,8 @@ from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.evaluate import evaluate_batches, selection_key
-from mergebench.merge.loop import adam_epochs
-from mergebench.merge.registry import AGGREGATORS, Merged
+from mergebench.merging.loop import adam_epochs
+from mergebench.merging.registry import AGGREGATORS, Merged
 from mergebench.weights import has_batchnorm, reset_bn, uniform_weights, weighted_state
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import nn
 
 from mergebench.context import MergeContext
-from mergebench.merge.registry import REPAIRS
+from mergebench.merging.registry import REPAIRS
 from mergebench.weights import reset_bn
 
 

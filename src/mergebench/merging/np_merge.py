@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
-from mergebench.merge.loop import learn_blend
-from mergebench.merge.registry import AGGREGATORS, Merged
+from mergebench.merging.loop import learn_blend
+from mergebench.merging.registry import AGGREGATORS, Merged
 from mergebench.weights import uniform_weights, weighted_state
 
 TENSOR_CHOICES = ("all", "weights_only")
