@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
+from mergebench.align import assignment
 from mergebench.align import weight_matching as wm
 from mergebench.bench_record import write_record
 from mergebench.spec.trace import trace_spec
@@ -222,7 +223,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=200)
-    lap = "installed" if wm._lapjv is not None else "not installed"
+    lap = "installed" if assignment._lapjv is not None else "not installed"
     console.print(f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, PyPI lap {lap}")
     before = None if args.before == "none" else load_before(args.before)
 

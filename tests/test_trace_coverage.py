@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from mergebench.align.weight_matching import weight_matching
-from mergebench.spec import Part, PermutationSpec, Transform, apply_transforms, random_permutations
+from mergebench.spec import Heads, Part, PermutationSpec, Transform, apply_transforms, random_permutations
 from mergebench.spec.trace import trace_spec
 from mergebench.spec.verify import SpecMismatchError, verify_spec
 from tests import user_models
@@ -134,16 +134,17 @@ def test_a_glu_gate_moves_both_halves_by_one_permutation() -> None:
 
 
 def test_fused_qkv_split_on_the_last_axis_shares_q_and_k() -> None:
-    """q·kᵀ is kept by one permutation of q's and k's dims (per head, shared by the heads: a view cut the axis
-    into heads × dims and kept the dims), v and the output projection's input have their own."""
+    """q·kᵀ is kept by one permutation of q's and k's units and v and the output projection's input have their
+    own, each made of the block's 2 heads of 4 units, tied by one head permutation."""
     torch.manual_seed(0)
     model, x = user_models.GatedTransformerStyle(width=8), torch.randn(16, 3, 8, 8)
     spec = check_exact(model, x)
     parts = spec.parts["blocks.0.attn.qkv.weight"][0]
-    assert [(p.offset, p.units) for p in parts] == [(0, 4), (4, 4), (8, 4), (12, 4), (16, 4), (20, 4)]
-    qk, v = parts[0].group, parts[4].group
-    assert {p.group for p in parts[:4]} == {qk} and {p.group for p in parts[4:]} == {v} and qk != v
-    assert spec.parts["blocks.0.attn.proj.weight"] == {1: (Part(v, 0, 4), Part(v, 4, 4))}
+    assert [(p.offset, p.units, p.block) for p in parts] == [(0, 8, 1), (8, 8, 1), (16, 8, 1)]
+    qk, v = parts[0].group, parts[2].group
+    assert parts[1].group == qk != v
+    assert spec.axes["blocks.0.attn.proj.weight"] == (spec.axes["blocks.0.attn.proj.weight"][0], v)
+    assert spec.heads[qk] == spec.heads[v] == Heads(spec.heads[qk].tie, 2)
     hidden = spec.axes["blocks.0.mlp.fc2.weight"][1]  # SwiGLU: the value half and the gate half move together
     assert spec.parts["blocks.0.mlp.fc1.weight"] == {0: (Part(hidden, 0, 16), Part(hidden, 16, 16))}
     assert hidden_unit_coverage(model, spec, x) == 1.0
@@ -332,13 +333,34 @@ def test_a_view_that_regroups_a_permuted_axis_is_named() -> None:
     check_exact(model, x)
 
 
+class QKNormAttention(nn.Module):
+    """Attention with a LayerNorm over each head's units of q and k (timm's `qk_norm`): one scale vector for every
+    head, so units cannot move differently in different heads."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed, self.qkv, self.proj = nn.Linear(3, dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.q_norm, self.k_norm = nn.LayerNorm(dim // heads), nn.LayerNorm(dim // heads)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.embed(x)
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (self.q_norm(q) @ self.k_norm(k).transpose(-2, -1)).softmax(dim=-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(b, t, c))
+        return self.head(x.mean(1))
+
+
 def test_a_view_of_two_permuted_axes_keeps_one_and_names_the_other() -> None:
-    """Heads × dims merged back: only one factor of a product can be permuted; the one left out is named."""
+    """Heads × units of a head, where a parameter (a per-head-unit norm scale) reads the units of every head: the
+    heads cannot move as heads of their own, only one factor of the product can be permuted, and the one left out
+    is named. The v side, which no such parameter reads, keeps its heads."""
     torch.manual_seed(0)
-    model, x = user_models.ViTStyle(width=8), torch.randn(16, 3, 8, 8)
+    model, x = QKNormAttention(), torch.randn(16, 5, 3)
     traced = trace_spec(model, x)
-    assert len(traced.warnings) == 2
-    assert all("view of an axis as 2×4: only the 4-unit factor stays permuted" in w for w in traced.warnings)
+    assert traced.warnings and all("only the 4-unit factor stays permuted" in w for w in traced.warnings)
     spec = check_exact(model, x)
     assert hidden_unit_coverage(model, spec, x) == 1.0
 

@@ -11,11 +11,11 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from mergebench.align.assignment import assign
 from mergebench.align.weight_matching import (
     WeightMatchingParams,
     _Problem,
     align_weight_matching,
-    assign,
     parameters,
     weight_matching,
 )

@@ -33,8 +33,9 @@ import torch
 from numpy.polynomial import polynomial
 from torch import Tensor, nn
 
+from mergebench.align.assignment import assign
 from mergebench.align.registry import ALIGNERS, Alignment
-from mergebench.align.weight_matching import assign, parameters
+from mergebench.align.weight_matching import parameters
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.spec import PermutationSpec, Transform

@@ -5,7 +5,9 @@ Groups are visited from the input side to the output side. The ground cost betwe
 the squared Euclidean distance of either their incoming weights (`cost=weights`: every parameter whose output
 axis is the group, B's already carried into A's basis on its input axes by the groups before it; a residual
 stream uses only the tensors whose inputs are settled, like weight matching's sweep) or their activations on the
-merge data (`cost=acts`: E[(a_i − b_j)²], from the same streamed statistics as `permute`). With uniform marginals
+merge data (`cost=acts`: E[(a_i − b_j)²], from the same streamed statistics as `permute`). Attention heads
+(`spec.Heads`) are matched as whole heads, then unit by unit within each head, on the same ground cost: a
+permutation (a plan that mixed units across heads would change what attention computes). With uniform marginals
 μ (A's units) and ν (B's), the plan T (n_A × n_B) comes from exact OT (`ot.emd`) or entropic OT (`ot.sinkhorn`,
 `reg` relative to the cost's largest entry, so one value suits every layer).
 
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from mergebench.align.activations import GroupStats, activation_stats
+from mergebench.align.assignment import assign_heads
 from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
 from mergebench.align.weight_matching import parameters
 from mergebench.context import MergeContext
@@ -145,11 +148,31 @@ def ot_fusion(
     (plain, state_a), (_, state_b) = spec.plain_view(state_a), spec.plain_view(state_b)  # flatten/cat parts
     transforms: dict[str, Transform] = {}
     total, sinkhorn = 0.0, []
-    for group in spec.groups:
+    ties = spec.ties()
+
+    def ground_cost(group: str) -> Tensor:
         if stats is not None and group in stats:
-            cost = activation_cost(stats[group])
-        else:  # weights: asked for, or a group no module output holds alone (a segment of a wider axis)
-            cost = weight_cost(plain, state_a, state_b, group, transforms)
+            return activation_cost(stats[group])
+        # weights: asked for, or a group no module output holds alone (a segment of a wider axis)
+        return weight_cost(plain, state_a, state_b, group, transforms)
+
+    for group in spec.groups:
+        if group in transforms:
+            continue
+        tie = spec.heads[group].tie if group in spec.heads else group if group in ties else None
+        if tie is not None:  # attention heads: whole heads matched at once, then units within each (a permutation)
+            members = ties[tie]
+            costs = [ground_cost(g) for g in members]
+            own = ground_cost(tie) if tie in spec.groups else None
+            count = spec.heads[members[0]].count
+            found, sigma = assign_heads([-c for c in costs], count, None if own is None else -own)
+            for g, perm, cost in zip(members, found, costs, strict=True):
+                transforms[g] = Transform.permutation(perm)
+                total += float(cost.cpu()[torch.arange(len(perm)), perm.cpu()].sum()) / len(perm)
+            if own is not None:
+                transforms[tie] = Transform.permutation(sigma)
+            continue
+        cost = ground_cost(group)
         plan, progress = transport_plan(cost, solver, reg, max_iter)
         transforms[group] = plan_transform(plan)
         total += float((plan * cost.cpu()).sum())
@@ -190,3 +213,6 @@ def align_ot(params: OTParams, ref: nn.Module, other: nn.Module, ctx: MergeConte
     )
     info["seconds"] = time.perf_counter() - start
     return PairAlignment(transforms, info)
+
+
+align_ot.aligns_heads = True  # type: ignore[attr-defined]  # heads matched as whole heads on the ground cost

@@ -35,33 +35,28 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from mergebench.align.assignment import assign, assign_heads
+from mergebench.align.options import AttentionOptions
 from mergebench.align.registry import ALIGNERS, PairAlignment, pairwise_aligner
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.seeds import mix_seeds
 from mergebench.spec import PermutationSpec, Transform
-
-try:  # optional: a faster LAP solver for the large groups
-    from lap import lapjv as _lapjv
-except ImportError:  # pragma: no cover - depends on the environment
-    _lapjv = None
-
-LAPJV_MIN = 128  # below this scipy was as fast (n = 64: 1 ms either way)
+from mergebench.spec.heads import compose
 
 
 @dataclasses.dataclass
-class WeightMatchingParams:
+class WeightMatchingParams(AttentionOptions):
     seed: int = 0
     max_passes: int = 100
     restarts: int = 1
     start: str = "sweep"  # sweep | identity (Git Re-Basin's reference descent: identity, random group order)
 
     def check(self) -> None:
+        super().check()
         if self.start not in ("sweep", "identity"):
             raise ConfigError(f"start={self.start!r} is not known; allowed: sweep, identity")
         if self.max_passes < 1:
@@ -236,6 +231,39 @@ class _Problem:
             self.costs[g] = _Cost()
         self.neighbours = {g: sorted({h for m in self.members[g] for _, h in m.others}) for g in self.groups}
         self.sizes = {g: self.members[g][0].a.shape[0] for g in self.groups}
+        self.heads = {g: h for g, h in spec.heads.items() if g in self.sizes}
+        self.units = _units(spec, self.groups)
+
+    def random_start(self, gen: torch.Generator) -> dict[str, Tensor]:
+        """A random permutation per group, whole heads moved alike across a tie (a restart's starting point)."""
+        sigmas: dict[str, Tensor] = {}
+        out = {}
+        for g, n in self.sizes.items():
+            if g in self.heads:
+                count = self.heads[g].count
+                sigma = sigmas.setdefault(self.heads[g].tie, torch.randperm(count, generator=gen))
+                out[g] = compose(sigma, torch.stack([torch.randperm(n // count, generator=gen) for _ in range(count)]))
+            elif any(h.tie == g for h in self.heads.values()):
+                out[g] = sigmas.setdefault(g, torch.randperm(n, generator=gen))
+            else:
+                out[g] = torch.randperm(n, generator=gen)
+        return {g: p.to(self.device) for g, p in out.items()}
+
+    def solve(
+        self, unit: tuple[str, ...], perms: Mapping[str, Tensor], versions: Mapping[str, int], settled: bool
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The best permutations of `unit` (one group, or a tie of head groups solved at once) with the other
+        groups held at `perms`, and the cost matrices they came from."""
+        costs = {g: self.cost(g, perms, versions, settled) for g in unit}
+        members = [g for g in unit if g in self.heads]
+        if not members:
+            return {g: self.assign(costs[g]) for g in unit}, costs
+        start = time.perf_counter()
+        tie = self.heads[members[0]].tie
+        found, sigma = assign_heads([costs[g] for g in members], self.heads[members[0]].count, costs.get(tie))
+        self.seconds["lap"] += time.perf_counter() - start
+        self.counts["solves"] += 1
+        return {**dict(zip(members, found, strict=True)), **({tie: sigma} if tie in unit else {})}, costs
 
     def new_version(self) -> int:
         """A number never handed out before, so a cached cost can never match a different permutation."""
@@ -392,23 +420,20 @@ class _Problem:
         return total
 
 
-def assign(cost: Tensor, solver: str | None = None) -> Tensor:
-    """The LAP's maximising assignment, `cols[i]` = B's unit for A's unit i: PyPI `lap`'s Jonker-Volgenant
-    solver where it is installed and n ≥ LAPJV_MIN, else scipy's `linear_sum_assignment`. On the 164 cost
-    matrices of a random ResNet-50 pair (n = 64…2048) `lap` found scipy's assignment every time, in 0.8 s of CPU
-    against 2.6 s (3× at n = 2048, 2× at 512, 1.4–2× at 128–256, even at 64); with torchvision's init (norm
-    scale 1) the n = 2048 solves took as long with either."""
-    matrix = cost.detach().cpu().numpy()
-    n = matrix.shape[0]
-    if solver is None:
-        solver = "lap" if _lapjv is not None and n >= LAPJV_MIN and matrix.shape[1] == n else "scipy"
-    if solver == "lap":
-        if _lapjv is None:
-            raise ModuleNotFoundError("solver='lap' needs the PyPI package `lap`")
-        _, cols, _ = _lapjv(np.negative(matrix, dtype=np.float64), extend_cost=False)
-    else:
-        _, cols = linear_sum_assignment(matrix, maximize=True)
-    return torch.from_numpy(np.asarray(cols, dtype=np.int64)).to(cost.device)
+def _units(spec: PermutationSpec, groups: list[str]) -> list[tuple[str, ...]]:
+    """What one step of the descent solves: a group, or a tie of head groups with the tie's own group (their head
+    permutation is one), in the order of their first group."""
+    ties = spec.ties()
+    out: list[tuple[str, ...]] = []
+    seen: set[str] = set()
+    for g in groups:
+        tie = spec.heads[g].tie if g in spec.heads else g if g in ties else None
+        if tie is None:
+            out.append((g,))
+        elif tie not in seen:
+            seen.add(tie)
+            out.append(tuple(h for h in (tie, *ties[tie]) if h in groups))
+    return out
 
 
 def _sweep(problem: _Problem, perms: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, int]]:
@@ -417,9 +442,11 @@ def _sweep(problem: _Problem, perms: dict[str, Tensor]) -> tuple[dict[str, Tenso
     at an arbitrary order. Returns the permutations and their versions (the cost shares cached for them)."""
     out = dict(perms)
     versions = dict.fromkeys(problem.groups, -1)
-    for group in problem.groups:
-        out[group] = problem.assign(problem.cost(group, out, versions, settled=True))
-        versions[group] = problem.new_version()
+    for unit in problem.units:
+        found, _ = problem.solve(unit, out, versions, settled=True)
+        for group, perm in found.items():
+            out[group] = perm
+            versions[group] = problem.new_version()
     return out, versions
 
 
@@ -435,21 +462,21 @@ def _descend(
     yielding the objective after each; an assignment is taken only when it raises the objective (by a margin
     beyond rounding, or checked exactly), so the objective never decreases. `versions` name `perms`' current
     permutations (fresh numbers for new ones) and are updated in place."""
-    solved_at: dict[str, tuple[int, ...]] = {}  # the neighbours' versions when a group was last solved
+    solved_at: dict[tuple[str, ...], tuple[int, ...]] = {}  # the neighbours' versions when a group was last solved
     for _ in range(max_passes):
         before = objective
-        for i in torch.randperm(len(problem.groups), generator=gen).tolist():
-            group = problem.groups[i]
-            state = tuple(versions[h] for h in problem.neighbours[group])
-            if solved_at.get(group) == state:
+        for i in torch.randperm(len(problem.units), generator=gen).tolist():
+            unit = problem.units[i]
+            state = tuple(versions[h] for group in unit for h in problem.neighbours[group])
+            if solved_at.get(unit) == state:
                 continue
-            solved_at[group] = state
-            cost = problem.cost(group, perms, versions, settled=False)
-            candidate = problem.assign(cost)
-            gain = problem.gain(group, cost, perms, candidate)
+            solved_at[unit] = state
+            found, costs = problem.solve(unit, perms, versions, settled=False)
+            gain = sum(problem.gain(group, costs[group], perms, found[group]) for group in unit)
             if gain > 0:
-                perms[group] = candidate
-                versions[group] = problem.new_version()
+                for group in unit:
+                    perms[group] = found[group]
+                    versions[group] = problem.new_version()
                 objective += gain
         yield objective
         if objective - before < 1e-12 * abs(before):
@@ -494,7 +521,7 @@ def weight_matching(
         elif restart == 0:
             perms = {g: torch.arange(n, device=problem.device) for g, n in problem.sizes.items()}
         else:
-            perms = {g: torch.randperm(n, generator=gen).to(problem.device) for g, n in problem.sizes.items()}
+            perms = problem.random_start(gen)
         versions = {g: problem.new_version() for g in problem.groups}
         history = [problem.objective(perms)]
         if restart == 0 and init is None and sweep:
@@ -527,8 +554,8 @@ def rematch_by_weights(
     units: Mapping[str, Tensor],
 ) -> dict[str, Tensor]:
     """`perms` with, per group, A's `units` rematched among the B units they hold by weight matching's cost (the
-    other groups at `perms`, a group `perms` lacks in place): for units another method could not place (dead on the
-    merge data). Returns the groups of `perms`."""
+    other groups at `perms`, a group `perms` lacks in place; a head group's units within their head): for units
+    another method could not place (dead on the merge data). Returns the groups of `perms`."""
     (plain, state_a), (_, state_b) = spec.plain_view(state_a), spec.plain_view(state_b)
     problem = _Problem(plain, state_a, state_b)
     current = {g: perms[g] if g in perms else torch.arange(problem.sizes[g]) for g in problem.groups}
@@ -539,11 +566,40 @@ def rematch_by_weights(
         if group not in problem.sizes or rows.numel() < 2:
             continue
         rows = rows.to(problem.device)
-        held = current[group][rows]
-        cost = problem.cost(group, current, versions, settled=False)[rows][:, held]
+        cost = problem.cost(group, current, versions, settled=False)
         out[group] = current[group].clone()
-        out[group][rows] = held[assign(cost)]
+        # a head group's units are rematched within their head: the head's place (σ) stays
+        size = problem.sizes[group] // problem.heads[group].count if group in problem.heads else problem.sizes[group]
+        for head in torch.div(rows, size, rounding_mode="floor").unique():
+            chunk = rows[torch.div(rows, size, rounding_mode="floor") == head]
+            if chunk.numel() > 1:
+                held = current[group][chunk]
+                out[group][chunk] = held[assign(cost[chunk][:, held])]
     return {g: out[g].cpu() if g in out else p for g, p in perms.items()}
+
+
+def place_by_weights(
+    spec: PermutationSpec,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    perms: Mapping[str, Tensor],
+    groups: list[str],
+) -> dict[str, Tensor]:
+    """Permutations for `groups`, which another method could not see (heads inside a fused attention op), by weight
+    matching's cost with the other groups held at `perms`: one solve of each group or head tie among them."""
+    (plain, state_a), (_, state_b) = spec.plain_view(state_a), spec.plain_view(state_b)
+    problem = _Problem(plain, state_a, state_b)
+    current = {g: perms[g] if g in perms else torch.arange(problem.sizes[g]) for g in problem.groups}
+    current = {g: p.to(problem.device) for g, p in current.items()}
+    versions = {g: problem.new_version() for g in problem.groups}
+    out: dict[str, Tensor] = {}
+    for unit in problem.units:
+        if any(g in groups for g in unit):
+            found, _ = problem.solve(unit, current, versions, settled=False)
+            for group, perm in found.items():
+                out[group] = current[group] = perm
+                versions[group] = problem.new_version()
+    return {g: p.cpu() for g, p in out.items()}
 
 
 def parameters(model: nn.Module) -> dict[str, Tensor]:
@@ -557,7 +613,7 @@ def align_weight_matching(
     params: WeightMatchingParams, ref: nn.Module, other: nn.Module, ctx: MergeContext
 ) -> PairAlignment:
     perms, info = weight_matching(
-        ctx.spec,
+        params.spec_for(ctx.spec),
         parameters(ref),
         parameters(other),
         seed=mix_seeds(ctx.seed, params.seed),
@@ -566,3 +622,6 @@ def align_weight_matching(
         sweep=params.start == "sweep",
     )
     return PairAlignment({g: Transform.permutation(p) for g, p in perms.items()}, info)
+
+
+align_weight_matching.aligns_heads = True  # type: ignore[attr-defined]  # a tie of head groups is solved as one

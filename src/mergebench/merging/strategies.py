@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mergebench.align.registry import Assemble
+from mergebench.align.registry import Alignment, Assemble
+from mergebench.align.weight_matching import parameters, place_by_weights
 from mergebench.checkpoints import load_state
 from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
@@ -64,6 +65,29 @@ def carry(model: nn.Module, transforms: dict[str, Transform], ctx: MergeContext)
     return copy
 
 
+def run_aligner(methods: Methods, models: list[nn.Module], ctx: MergeContext) -> Alignment:
+    """The aligner's alignment of `models`. An aligner that does not say it aligns attention heads (`aligns_heads`)
+    sees a spec without them (moving units across heads, or by dense maps, would change what attention computes);
+    where it then carried a model by permutations into model 0's basis, that model's heads are placed by weight
+    matching's cost against model 0 (`heads_by_weights`), else they stay as they are (`heads_left`)."""
+    factory = methods.align.factory
+    heads = ctx.spec.head_groups()
+    if not heads or getattr(factory, "aligns_heads", False):
+        return factory(methods.align.params, models, ctx)
+    result = factory(methods.align.params, models, dataclasses.replace(ctx, spec=ctx.spec.without(heads)))
+    placed = 0
+    if getattr(factory, "keeps_first", False):
+        ref = parameters(models[0])
+        for k, transforms in enumerate(result.transforms[1:], start=1):
+            if all(t.is_permutation for t in transforms.values()):
+                perms = {g: t.perm for g, t in transforms.items()}
+                found = place_by_weights(ctx.spec, ref, parameters(models[k]), perms, heads)
+                transforms.update({g: Transform.permutation(p) for g, p in found.items()})
+                placed += 1
+    result.diagnostics["heads_by_weights" if placed else "heads_left"] = len(heads)
+    return result
+
+
 def align_all(
     models: list[nn.Module], methods: Methods, ctx: MergeContext
 ) -> tuple[list[nn.Module], dict, Assemble | None]:
@@ -71,7 +95,7 @@ def align_all(
     models in that basis, the aligner's diagnostics (`align_<key>`, `align<k>_<key>` for pair k of K > 2 models),
     and the joint aligner's final assembly step (partial zipping), if any."""
     start = time.perf_counter()
-    result = methods.align.factory(methods.align.params, models, ctx)
+    result = run_aligner(methods, models, ctx)
     aligned = [m if not t and k == 0 else carry(m, t, ctx) for k, (m, t) in enumerate(zip(models, result.transforms))]
     diagnostics = {f"align{key}" if key[:1].isdigit() else f"align_{key}": v for key, v in result.diagnostics.items()}
     diagnostics["align_s"] = time.perf_counter() - start
@@ -171,7 +195,7 @@ def merge_many(params: StrategyParams, models: list[nn.Module], methods: Methods
         moved = False
         for i in torch.randperm(len(current), generator=gen).tolist():
             ref = mean_model([m.state_dict() for m in current[:i] + current[i + 1 :]], ctx)
-            result = methods.align.factory(methods.align.params, [ref, current[i]], ctx)
+            result = run_aligner(methods, [ref, current[i]], ctx)
             current[i] = carry(current[i], result.transforms[1], ctx)
             moved = moved or not is_identity(result.transforms[1])
             diagnostics.update({f"align{i}_{k}": v for k, v in result.diagnostics.items()})

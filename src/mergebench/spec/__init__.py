@@ -8,6 +8,9 @@ An axis can also be made of parts (`PermutationSpec.parts`): a Linear reading a 
 C blocks of H·W entries (one part, block H·W), a conv reading `cat([x, y], dim=1)` sees x's units then y's (two
 parts, two groups), a Linear whose output is cut by `chunk` into q, k, v has one part per piece on its output axis,
 and a grouped conv's input axis is G parts that all name one group (one permutation applied inside every block).
+A group can also be made of attention heads (`PermutationSpec.heads`): its units are H heads of d units in a row,
+and it may move only by a permutation of whole heads that every group of its tie shares (q/k, v, a head-indexed
+bias), each head's units then moved within the head by the group's own permutation (`spec/heads.py`).
 Methods that score tensors read them through `plain_view`, which splits such axes into plain ones;
 `apply_transforms` moves every part with its group.
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor
@@ -70,6 +73,18 @@ def probe_module(probe: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class Heads:
+    """A group whose units are `count` attention heads of equal size, head by head: in attention, the scores of
+    head h depend on q and k of head h only, so heads may change places, but q, k, v and the output projection's
+    input must move their heads alike — every group with the same `tie` shares one head permutation σ, and where
+    `tie` is itself a group (a relative-position bias indexed by head) that group's permutation is σ. Within each
+    head, the group's units move by a permutation of their own (q·k is invariant to one shared by q and k)."""
+
+    tie: str
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
 class PermutationSpec:
     axes: dict[str, tuple[str | None, ...]]
     probes: dict[str, tuple[str, ...]]
@@ -77,6 +92,10 @@ class PermutationSpec:
     parts: dict[str, dict[int, tuple[Part, ...]]] = dataclasses.field(default_factory=dict)
     # probe -> how its module's output holds the units, where not simply on dim 1
     probe_views: dict[str, ProbeView] = dataclasses.field(default_factory=dict)
+    # group -> its attention heads, where its permutations must move whole heads
+    heads: dict[str, Heads] = dataclasses.field(default_factory=dict)
+    # groups carried by a residual stream (summed with a block's output), for aligners that can leave them in place
+    residual: tuple[str, ...] = ()
 
     @property
     def groups(self) -> list[str]:
@@ -129,7 +148,44 @@ class PermutationSpec:
             for key, (tensor, groups) in pieces.items():
                 out[key] = tensor.contiguous()
                 axes[key] = groups
-        return PermutationSpec(axes=axes, probes=self.probes, probe_views=self.probe_views), out
+        plain = PermutationSpec(
+            axes=axes, probes=self.probes, probe_views=self.probe_views, heads=self.heads, residual=self.residual
+        )
+        return plain, out
+
+    def ties(self) -> dict[str, list[str]]:
+        """Each head tie and the groups whose heads it moves (the tie's own group, if any, not among them)."""
+        out: dict[str, list[str]] = {}
+        for group, heads in self.heads.items():
+            out.setdefault(heads.tie, []).append(group)
+        return out
+
+    def without(self, groups: Collection[str]) -> PermutationSpec:
+        """The spec with `groups` left unpermuted (their axes and parts unmapped, their probes dropped): what an
+        aligner sees when it must leave them in place. A group's head tie goes with it, whole."""
+        drop = set(groups)
+        for tie, members in self.ties().items():
+            if drop & {tie, *members}:
+                drop |= {tie, *members}
+        axes = {k: tuple(None if g in drop else g for g in v) for k, v in self.axes.items()}
+
+        def unmapped(ps: tuple[Part, ...]) -> tuple[Part, ...]:
+            return tuple(dataclasses.replace(p, group=None) if p.group in drop else p for p in ps)
+
+        parts = {k: {ax: unmapped(ps) for ax, ps in v.items()} for k, v in self.parts.items()}
+        return PermutationSpec(
+            axes=axes,
+            probes={g: p for g, p in self.probes.items() if g not in drop},
+            parts=parts,
+            probe_views=self.probe_views,
+            heads={g: h for g, h in self.heads.items() if g not in drop},
+            residual=tuple(g for g in self.residual if g not in drop),
+        )
+
+    def head_groups(self) -> list[str]:
+        """Every group that moves with attention heads: the groups made of heads and the ties that are groups."""
+        ties = self.ties()
+        return [g for g in self.groups if g in self.heads or g in ties]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +285,10 @@ def _apply_parts(
 
 
 def random_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], seed: int) -> dict[str, Transform]:
-    """A random permutation for every group (seeded), for tests and planted-permutation checks."""
+    """A random permutation for every group (seeded; whole heads moved alike across a tie), for tests and
+    planted-permutation checks."""
+    from mergebench.spec.heads import draw_permutations
+
     gen = torch.Generator().manual_seed(seed)
-    return {g: Transform.permutation(torch.randperm(spec.group_size(g, state), generator=gen)) for g in spec.groups}
+    perms = draw_permutations(spec, state, lambda n: torch.randperm(n, generator=gen))
+    return {g: Transform.permutation(p) for g, p in perms.items()}

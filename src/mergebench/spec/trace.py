@@ -48,7 +48,7 @@ from torch.func import functional_call
 
 from mergebench.errors import ConfigError
 from mergebench.modes import evaluating
-from mergebench.spec import Part, PermutationSpec, ProbeView
+from mergebench.spec import Heads, Part, PermutationSpec, ProbeView
 
 FIXED = 0
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)
@@ -71,6 +71,7 @@ class _UnionFind:
         self.defs: dict[int, tuple[Seg, ...]] = {}
         self.inter: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # root -> (its g members, their units)
         self.conflicts = 0  # pairings of units that could not be made (counted, so the op behind them is named)
+        self.joined: set[int] = set()  # roots ever joined with another variable (a fresh one is not among them)
 
     def new(self) -> int:
         self.parent.append(len(self.parent))
@@ -156,6 +157,7 @@ class _UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra == rb:
             return
+        self.joined.update((ra, rb))
         if FIXED in (ra, rb):
             self.fix(ra if rb == FIXED else rb)
             return
@@ -315,6 +317,18 @@ class _Product:
     node: fx.Node
 
 
+@dataclasses.dataclass(frozen=True)
+class _Headed:
+    """A variable made of `count` attention heads, head by head: `head` is the variable of the head axis (its
+    permutation σ is shared by every variable with the same head variable), `inner` the within-head axis's where a
+    view made it (its permutation may differ from head to head: no tensor of the model acts on it)."""
+
+    head: int
+    inner: int | None
+    count: int
+    node: fx.Node
+
+
 @dataclasses.dataclass
 class TracedSpec:
     """The traced spec, the ops that left axes unpermuted (warnings), the layers whose permuted output units are not
@@ -340,8 +354,9 @@ class _Recorder(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
         self.shapes[n] = tuple(result.shape) if isinstance(result, Tensor) else None
-        if isinstance(result, (tuple, list)) and result and all(isinstance(t, Tensor) for t in result):
-            self.elements[n] = [tuple(t.shape) for t in result]
+        tensors = isinstance(result, (tuple, list)) and any(isinstance(t, Tensor) for t in result)
+        if tensors and all(isinstance(t, Tensor) or t is None for t in result):  # None: attention without weights
+            self.elements[n] = [tuple(t.shape) if isinstance(t, Tensor) else None for t in result]
         return result
 
     def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
@@ -392,6 +407,10 @@ class _Builder:
         self.layer_inputs: list[tuple[fx.Node, int]] = []  # (input node of a conv/linear, its channel variable)
         self.warnings: list[str] = []
         self.channels_last: list[tuple[str, int]] = []  # (layer, output variable) with units on the last of >2 dims
+        self.headed: dict[int, _Headed] = {}  # variables made of attention heads
+        self._headed_by_axes: dict[tuple[int, int], int] = {}  # (head, inner) roots -> their headed variable
+        self.residual: set[int] = set()  # variables summed with another activation (a residual stream)
+        self._slices: dict[int, list[dict[int, int]]] = {}  # a view's sliced factor -> its slices' fresh factors
 
     # variables -------------------------------------------------------------------------------------------------
     def fix(self, d: int) -> None:
@@ -409,6 +428,19 @@ class _Builder:
         if self.uf.fixed(d):
             return [FIXED] * len(sizes)
         return self.uf.cut(d, sizes)
+
+    def attention_heads(self, node: fx.Node, count: int) -> tuple[int, int, int]:
+        """Fresh variables for an attention whose rule knows its heads (a fused module, a library function): one for
+        q and k, one for v, of `count` heads each, and the head variable they share."""
+        head, qk, v = self.uf.new(), self.uf.new(), self.uf.new()
+        for var in (qk, v):
+            self.headed[var] = _Headed(head, None, count, node)
+        self.activation.update((head, qk, v))
+        return qk, v, head
+
+    def param_roots(self) -> set[int]:
+        """The undefined roots some parameter or buffer axis is made of."""
+        return {r for variables in self.param_vars.values() for v in variables for r in self.uf.leaf_roots(v)}
 
     def param(self, name: str) -> list[int]:
         """One variable per axis of a parameter or buffer, by its state-dict name (tied tensors share them)."""
@@ -439,8 +471,10 @@ class _Builder:
             if node.op != "get_attr":
                 for dims in [out or [], *self.elements.get(node, [])]:
                     self.activation.update(dims)
+        heads = self._head_views()
         for product in reversed(self.products):  # downstream first: a factor a later view fixed is known fixed
-            self.resolve(product)
+            self.resolve(product, heads.get(id(product)))
+        self.check_heads()
 
     def visit(self, node: fx.Node) -> list[int] | None:
         shape = self.shapes.get(node)
@@ -457,6 +491,8 @@ class _Builder:
             return None if shape is None else [FIXED] * len(shape)  # Python on shapes, or a new constant tensor
         if shape is None and _is_metadata(node):
             return None  # x.shape, x.size(): no channel flows on
+        if shape is None and node.target is operator.getitem and node.args[0] in self.element_shapes:
+            return None  # the None of (output, None): an attention that returns no weights
         if node in self.element_shapes:
             return self._visit_tuple(node)
         rule, key = self._rule(node, MODULE_RULES, FUNCTION_RULES, METHOD_RULES)
@@ -471,7 +507,7 @@ class _Builder:
 
     def _visit_tuple(self, node: fx.Node) -> None:
         """An op that returns several tensors: their dims go to `elements`, for `getitem` to pick."""
-        rule, key = self._rule(node, {}, TUPLE_FUNCTION_RULES, TUPLE_METHOD_RULES)
+        rule, key = self._rule(node, TUPLE_MODULE_RULES, TUPLE_FUNCTION_RULES, TUPLE_METHOD_RULES)
         if rule is None:
             self.warn(node, f"{key} is not a known op: its axes stay unpermuted")
         else:
@@ -553,7 +589,61 @@ class _Builder:
         self.products.append(_Product(d, factors, tuple(sizes), node))
         return list(factors)
 
-    def resolve(self, product: _Product) -> None:
+    def slices(self, d: int, count: int) -> list[dict[int, int]] | None:
+        """Taking single units of the outermost factor `d` of a view nothing else has read yet (a fused qkv output
+        viewed as 3 × H × d, then unbound or indexed into q, k and v): each slice becomes a view of its own segment
+        of the axis, with fresh variables for the other factors, so q, k and v keep apart what the one view would
+        have tied. Returns the slices' {old factor: fresh factor} (the same for every op that slices `d`), or None
+        where `d` leads no such view."""
+        if d in self._slices:
+            return self._slices[d]
+        product = next((p for p in self.products if p.factors[0] == d and p.sizes[0] == count), None)
+        if product is None or len(product.factors) < 2:
+            return None
+        if any(self.uf.find(f) != f or f in self.uf.joined for f in product.factors[1:]):
+            return None
+        self.products.remove(product)
+        slices = []
+        for piece in self.segments(product.var, [math.prod(product.sizes[1:])] * count):
+            fresh = {f: self.uf.new() for f in product.factors[1:]}
+            self.products.append(_Product(piece, tuple(fresh.values()), product.sizes[1:], product.node))
+            slices.append(fresh)
+        for f in product.factors:
+            self.fix(f)
+        self._slices[d] = slices
+        return slices
+
+    def _head_views(self) -> dict[int, tuple[int, int]]:
+        """The views to keep as attention heads, by id: {id: (head factor, within-head factor)} for every product
+        whose only permuted factors are two neighbours (heads × units of a head), the inner one plain and touching no
+        parameter, and neither factor read by another view (which would tie the units' permutation across heads, or
+        keep only one of the factors), nor the inner one paired with two different head axes."""
+        uf, params = self.uf, self.param_roots()
+        found: dict[int, tuple[int, int]] = {}
+        for product in self.products:
+            free = [i for i, f in enumerate(product.factors) if product.sizes[i] > 1 and not uf.fixed(f)]
+            if uf.fixed(product.var) or len(free) != 2 or free[1] != free[0] + 1:
+                continue
+            head, inner = (uf.find(product.factors[i]) for i in free)
+            if not any(r in uf.defs or r in uf.inter for r in (head, inner)) and inner not in params:
+                found[id(product)] = (product.factors[free[0]], product.factors[free[1]])
+        while True:
+            others = [p for p in self.products if id(p) not in found]
+            used = {r for p in others for f in p.factors for r in uf.leaf_roots(f)}
+            heads_of: dict[int, set[int]] = {}
+            for head, inner in found.values():
+                heads_of.setdefault(uf.find(inner), set()).add(uf.find(head))
+            drop = [
+                k
+                for k, (head, inner) in found.items()
+                if {uf.find(head), uf.find(inner)} & used or len(heads_of[uf.find(inner)]) > 1
+            ]
+            if not drop:
+                return found
+            for k in drop:
+                del found[k]
+
+    def resolve(self, product: _Product, heads: tuple[int, int] | None = None) -> None:
         """Keep one factor of a product permuted and fix the others: among those that still have free units, the
         one that keeps a defined axis's segments whole, then the one with the most free units, then the innermost."""
         uf, sizes = self.uf, product.sizes
@@ -561,6 +651,9 @@ class _Builder:
         if uf.fixed(product.var) or not any(free):
             for var in (product.var, *product.factors):
                 uf.fix(var)
+            return
+        if heads is not None:
+            self._resolve_heads(product, *heads)
             return
         leaves = uf.leaves(product.var, math.prod(sizes))
         p = max((i for i, n in enumerate(free) if n), key=lambda i: (_keeps_segments(leaves, sizes, i), free[i], i))
@@ -581,6 +674,48 @@ class _Builder:
             )
         if uf.conflicts > conflicts:
             self.warn(product.node, f"view of an axis as {shape} does not line up with its segments: units fixed")
+
+    def _resolve_heads(self, product: _Product, head: int, inner: int) -> None:
+        """Attention heads: an axis viewed as H × d (heads × units of a head) whose two factors both stay permuted
+        keeps both (`_head_views` chose it): it becomes a variable of H heads (`_Headed`), one per pair of (head,
+        within-head) variables, so q and k (their within-head axes joined by q·kᵀ) share one and v has its own, tied
+        to theirs by the head axis."""
+        uf, sizes = self.uf, product.sizes
+        p = product.factors.index(head)
+        key = (uf.find(head), uf.find(inner))
+        var = self._headed_by_axes.get(key)
+        if var is None:
+            var = self._headed_by_axes[key] = uf.new()
+            self.headed[var] = _Headed(head, inner, sizes[p], product.node)
+            self.activation.add(var)
+        rest = math.prod(sizes[p + 2 :])
+        uf.union(product.var, uf.define([(var, sizes[p] * sizes[p + 1], rest)] * math.prod(sizes[:p])))
+
+    def check_heads(self) -> None:
+        """Keep a variable made of heads only where its heads can still move as one (its head variable free and
+        plain, its within-head one touching no parameter, one head variable per group); else fix it, named."""
+        uf, params = self.uf, self.param_roots()
+        heads_of: dict[int, set[int]] = {}
+        for var, info in self.headed.items():
+            heads_of.setdefault(uf.find(var), set()).add(uf.find(info.head))
+        for var, info in self.headed.items():
+            root, head = uf.find(var), uf.find(info.head)
+            if root == FIXED:
+                continue
+            inner = None if info.inner is None else uf.find(info.inner)
+            broken = (
+                root in uf.defs
+                or root in uf.inter
+                or head == FIXED
+                or head in uf.defs
+                or head in uf.inter
+                or len(heads_of[root]) > 1
+                or (inner is not None and (inner == FIXED or inner in params or inner in uf.defs))
+            )
+            if broken:  # its head and within-head axes go with it: nothing may move what no longer moves with them
+                for v in (var, info.head, *([] if info.inner is None else [info.inner])):
+                    uf.fix(v)
+                self.warn(info.node, f"attention heads ({info.count}) cannot move as whole heads here: left unpermuted")
 
     def _free_units(self, var: int, units: int) -> int:
         return sum(u for v, u, _ in self.uf.leaves(var, units) if v != FIXED and u > 1)
@@ -643,7 +778,14 @@ def _broadcast(b: _Builder, node: fx.Node) -> list[int]:
     for j, d in enumerate(owner):
         if d is not None:
             out[j] = d
+    if node.target in RESIDUAL_ADDS and _activation_operands(b, node, out_shape) >= 2:
+        b.residual.update(out)
     return out
+
+
+def _activation_operands(b: _Builder, node: fx.Node, shape: Sequence[int]) -> int:
+    """How many operands of `node` are activations of the output's full shape (not parameters or constants)."""
+    return sum(1 for a in node.args if _is_node(a) and a.op != "get_attr" and b.shapes.get(a) == tuple(shape))
 
 
 def _linear_core(b: _Builder, node: fx.Node, x: Any, weight: list[int], bias: list[int] | None) -> list[int]:
@@ -860,8 +1002,10 @@ def _split(dim_at: int) -> TupleRule:
         axis = b.arg(node, dim_at, "dim", 0) % len(dims)
         shapes = b.element_shapes[node]
         if any(len(s) != len(dims) for s in shapes):  # unbind: the axis is gone, one unit per tensor
+            slices = b.slices(dims[axis], len(shapes))
             b.fix(dims[axis])
-            return [dims[:axis] + dims[axis + 1 :] for _ in shapes]
+            rest = dims[:axis] + dims[axis + 1 :]
+            return [rest for _ in shapes] if slices is None else [[fresh.get(v, v) for v in rest] for fresh in slices]
         pieces = b.segments(dims[axis], [s[axis] for s in shapes])
         return [[*dims[:axis], piece, *dims[axis + 1 :]] for piece in pieces]
 
@@ -908,7 +1052,10 @@ def _getitem(b: _Builder, node: fx.Node) -> list[int]:
     around it; tensor indices and strided slices fix the axis."""
     dims, shape = b.tensor_dims(node.args[0]), b.shape(node.args[0])
     index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
-    if any(_is_node(i) or isinstance(i, (list, Tensor)) for i in index):
+    advanced = [p for p, i in enumerate(index) if _is_node(i) or isinstance(i, (list, Tensor))]
+    if len(advanced) == 1 and all(i == slice(None) for p, i in enumerate(index) if p != advanced[0]):
+        return _index_one_axis(b, node, dims, advanced[0])
+    if advanced:
         for d in dims:
             b.fix(d)
         return [FIXED] * len(b.shapes[node])
@@ -917,6 +1064,7 @@ def _getitem(b: _Builder, node: fx.Node) -> list[int]:
         fill = len(dims) - sum(1 for i in index if i is not None and i is not Ellipsis)
         index = (*index[:at], *([slice(None)] * fill), *index[at + 1 :])
     out: list[int] = []
+    fresh: dict[int, int] = {}  # the factors of a slice of a view (q of a fused qkv), where an integer takes one
     pos = 0
     for i in index:
         if i is None:
@@ -930,12 +1078,26 @@ def _getitem(b: _Builder, node: fx.Node) -> list[int]:
             stop = max(start, stop)
             out.append(b.segments(d, [start, stop - start, n - stop])[1])
         elif isinstance(i, int):
+            slices = b.slices(d, n)
+            if slices is not None:
+                fresh = slices[i % n]
             b.segments(d, [i % n, 1, n - i % n - 1])
         else:
             b.fix(d)
             out.append(FIXED)
         pos += 1
-    return out + dims[pos:]
+    return [fresh.get(v, v) for v in out + dims[pos:]]
+
+
+def _index_one_axis(b: _Builder, node: fx.Node, dims: list[int], axis: int) -> list[int]:
+    """`t[..., idx]` with one index tensor on `axis` (a relative-position bias table looked up by position): that
+    axis is fixed and replaced by the index's axes, the others keep their variables."""
+    out_shape, shape = b.shapes[node], b.shape(node.args[0])
+    new = len(out_shape) - len(dims) + 1
+    if new < 1 or tuple(out_shape[axis + new :]) != tuple(shape[axis + 1 :]):
+        return b.unpermutable(node)
+    b.fix(dims[axis])
+    return [*dims[:axis], *([FIXED] * new), *dims[axis + 1 :]]
 
 
 def _tuple_getitem(b: _Builder, node: fx.Node) -> list[int]:
@@ -989,6 +1151,118 @@ def _f_group_norm(b: _Builder, node: fx.Node) -> list[int]:
 def _f_batch_norm(b: _Builder, node: fx.Node) -> list[int]:
     keys = [(1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")]
     return _norm_core(b, node.args[0], [_param_of(b, b.arg(node, i, k)) for i, k in keys], [1])
+
+
+# ---- attention --------------------------------------------------------------------------------------------------
+def _scaled_dot_product_attention(b: _Builder, node: fx.Node) -> list[int]:
+    """softmax(q·kᵀ)·v over [..., tokens, units]: q's and k's units share a variable (the product sums over them),
+    k's and v's tokens too; the leading (batch, head) axes of q, k, v, the mask and the output are one. With fewer
+    k/v heads than q heads (grouped-query attention) no head can move."""
+    q, k, v = (b.arg(node, i, key) for i, key in enumerate(("query", "key", "value")))
+    (dq, dk, dv), (sq, sk, sv) = (b.tensor_dims(t) for t in (q, k, v)), (b.shape(t) for t in (q, k, v))
+    b.join(dq[-1], dk[-1])
+    b.join(dk[-2], dv[-2])
+    lead = b.shapes[node][:-2]
+    batch = _broadcast_dims(b, [(dq[:-2], sq[:-2]), (dk[:-2], sk[:-2]), (dv[:-2], sv[:-2])], lead)
+    if not sq[:-2] == sk[:-2] == sv[:-2]:
+        for d in (*dq[:-2], *dk[:-2], *dv[:-2]):
+            b.fix(d)
+        batch = [FIXED] * len(lead)
+    mask = b.arg(node, 3, "attn_mask")
+    if _is_node(mask) and b.dims.get(mask) is not None:
+        scores = (*lead, sq[-2], sk[-2])
+        _broadcast_dims(b, [([*batch, dq[-2], dk[-2]], scores), (b.tensor_dims(mask), b.shape(mask))], scores)
+    return [*batch, dq[-2], dv[-1]]
+
+
+def _packed_attention(
+    b: _Builder,
+    node: fx.Node,
+    inputs: Sequence[Any],
+    qkv: tuple[list[int], list[int] | None],
+    proj: tuple[list[int], list[int] | None],
+    heads: int,
+    size: int,
+) -> int:
+    """An attention inside one op (a module, a library function) with its q, k, v projections packed in one weight
+    [3·size, E] (`qkv`: weight and bias) and an output projection (`proj`): q and k share a variable of `heads`
+    heads, v has its own, tied to it by one head variable, which is returned."""
+    (qkv_w, qkv_b), (proj_w, proj_b) = qkv, proj
+    qk, v, head = b.attention_heads(node, heads)
+    b.bind(qkv_w[0], b.uf.define([(qk, size, 1), (qk, size, 1), (v, size, 1)]))
+    if qkv_b is not None:
+        b.join(qkv_b[0], qkv_w[0])
+    for x in dict.fromkeys(inputs):
+        b.bind(qkv_w[1], b.tensor_dims(x)[-1])
+        b.layer_inputs.append((x, b.tensor_dims(x)[-1]))
+    b.bind(proj_w[1], v)
+    if proj_b is not None:
+        b.join(proj_b[0], proj_w[0])
+    b.channels_last.append((str(node.target) if node.op == "call_module" else node.name, proj_w[0]))
+    return head
+
+
+def _module_multihead_attention(b: _Builder, node: fx.Node) -> list[list[int]]:
+    """nn.MultiheadAttention (torchvision's ViT): returns (output, weights or None). Masks that differ per head, a
+    bias added to k and v, or separate q/k/v weights are not followed (its axes stay unpermuted)."""
+    t, module = node.target, b.modules[node.target]
+    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        raise ValueError("only packed q/k/v projections without add_bias_kv/add_zero_attn are followed")
+    inputs = [b.arg(node, i, key) for i, key in enumerate(("query", "key", "value"))]
+    qkv = (b.module_param(t, "in_proj_weight"), b.module_param(t, "in_proj_bias"))
+    proj = (b.module_param(f"{t}.out_proj", "weight"), b.module_param(f"{t}.out_proj", "bias"))
+    head = _packed_attention(b, node, inputs, qkv, proj, module.num_heads, module.embed_dim)
+    mask = b.arg(node, 5, "attn_mask")
+    if _is_node(mask) and len(b.shape(mask)) == 3:  # one mask per (sample, head): heads cannot move
+        b.fix(head)
+    dims = b.tensor_dims(inputs[0])
+    out: list[list[int]] = [[*dims[:-1], proj[0][0]]]
+    for shape in b.element_shapes[node][1:]:
+        out.append([] if shape is None else [FIXED, head, FIXED, FIXED] if len(shape) == 4 else [FIXED] * len(shape))
+    return out
+
+
+def _shifted_window_attention(b: _Builder, node: fx.Node) -> list[int]:
+    """torchvision's Swin attention (`shifted_window_attention`, kept whole by fx): channels-last maps in and out, a
+    packed qkv weight, a relative-position bias [1, heads, N, N] and, in V2, a logit scale [heads, 1, 1]: both move
+    with the heads. Windows and shifts move positions, never channels: the spatial axes are fixed."""
+    keys = ("input", "qkv_weight", "proj_weight", "relative_position_bias", "window_size", "num_heads", "shift_size",
+            "attention_dropout", "dropout", "qkv_bias", "proj_bias", "logit_scale")  # fmt: skip
+    arg = {key: b.arg(node, i, key) for i, key in enumerate(keys)}
+    x = arg["input"]
+    qkv = (_param_of(b, arg["qkv_weight"]), _param_of(b, arg["qkv_bias"]))
+    proj = (_param_of(b, arg["proj_weight"]), _param_of(b, arg["proj_bias"]))
+    if qkv[0] is None or proj[0] is None:
+        return b.unpermutable(node)
+    heads = arg["num_heads"]
+    head = _packed_attention(b, node, [x], qkv, proj, heads, b.shape(arg["qkv_weight"])[0] // 3)
+    for per_head, axis in ((arg["relative_position_bias"], 1), (arg["logit_scale"], 0)):
+        if _is_node(per_head) and b.dims.get(per_head) is not None:
+            dims = b.tensor_dims(per_head)
+            for i, d in enumerate(dims):
+                b.join(d, head) if i == axis and b.shape(per_head)[i] == heads else b.fix(d)
+    dims = b.tensor_dims(x)
+    for d in dims[1:-1]:
+        b.fix(d)
+    return [*dims[:-1], proj[0][0]]
+
+
+def _relative_position_bias(b: _Builder, node: fx.Node) -> list[int]:
+    """torchvision's `_get_relative_position_bias(table [positions, heads], index, window)` -> [1, heads, N, N]."""
+    table, shape = b.tensor_dims(node.args[0]), b.shapes[node]
+    if len(shape) != 4 or len(table) != 2 or b.shape(node.args[0])[1] != shape[1]:
+        return b.unpermutable(node)
+    b.fix(table[0])
+    return [FIXED, table[1], FIXED, FIXED]
+
+
+def _patch_merging_pad(b: _Builder, node: fx.Node) -> list[int]:
+    """torchvision's Swin `_patch_merging_pad`: [..., H, W, C] -> [..., H/2, W/2, 4·C], the four 2×2 neighbours'
+    channels side by side (each a copy of the input's channels)."""
+    dims, shape = b.tensor_dims(node.args[0]), b.shape(node.args[0])
+    for d in dims[-3:-1]:
+        b.fix(d)
+    return [*dims[:-3], FIXED, FIXED, b.uf.define([(dims[-1], shape[-1], 1)] * 4)]
 
 
 def _is_metadata(node: fx.Node) -> bool:
@@ -1054,6 +1328,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.layer_norm: _f_layer_norm,
     F.group_norm: _f_group_norm,
     F.batch_norm: _f_batch_norm,
+    F.scaled_dot_product_attention: _scaled_dot_product_attention,
     **dict.fromkeys((F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d), _pool),
 }
 SAME_METHODS = ("relu", "sigmoid", "tanh", "exp", "abs", "neg", "softmax", "log_softmax", "contiguous", "clone",
@@ -1083,6 +1358,7 @@ TUPLE_FUNCTION_RULES: dict[Any, TupleRule] = {
     torch.tensor_split: _split(2),
     torch.unbind: _split(1),
 }
+TUPLE_MODULE_RULES: dict[type, TupleRule] = {nn.MultiheadAttention: _module_multihead_attention}
 TUPLE_METHOD_RULES: dict[str, TupleRule] = {
     "chunk": _split(2),
     "split": _split(2),
@@ -1090,8 +1366,17 @@ TUPLE_METHOD_RULES: dict[str, TupleRule] = {
     "unbind": _split(1),
 }
 # functions of vision libraries that fx keeps whole (`torch.fx.wrap`), known by name so the core imports none of
-# them: torchvision's stochastic depth scales whole samples, so each keeps its input's axes
-NAMED_FUNCTION_RULES: dict[str, Rule] = {"stochastic_depth": _same, "drop_path": _same}
+# them: torchvision's stochastic depth scales whole samples, so each keeps its input's axes; its Swin's attention,
+# relative-position bias and patch-merging padding
+NAMED_FUNCTION_RULES: dict[str, Rule] = {
+    "stochastic_depth": _same,
+    "drop_path": _same,
+    "shifted_window_attention": _shifted_window_attention,
+    "_get_relative_position_bias": _relative_position_bias,
+    "_patch_merging_pad": _patch_merging_pad,
+}
+# a sum of two activations of one shape: a residual stream (`PermutationSpec.residual`)
+RESIDUAL_ADDS = (operator.add, operator.iadd, torch.add, "add", "add_")
 LOOK_THROUGH = (*POOLS, nn.Flatten)  # a probe is taken before these, as the hand-written specs do
 
 
@@ -1201,7 +1486,33 @@ def _assemble(b: _Builder, state: dict[str, Tensor]) -> tuple[PermutationSpec, s
     probes_found = {g: tuple(p) for g, p in probes.items() if p}
     used = {p for found in probes_found.values() for p in found}
     views = {p: view for p, view in b.probe_views.items() if p in used and view != ProbeView()}
-    return PermutationSpec(axes=axes, probes=probes_found, parts=parts, probe_views=views), set(group_names)
+    spec = PermutationSpec(
+        axes=axes,
+        probes=probes_found,
+        parts=parts,
+        probe_views=views,
+        heads=_heads(b, group_names),
+        residual=_residual(b, group_names),
+    )
+    return spec, set(group_names)
+
+
+def _residual(b: _Builder, group_names: dict[int, str]) -> tuple[str, ...]:
+    roots = (r for v in b.residual for r in b.uf.leaf_roots(v))
+    return tuple(dict.fromkeys(group_names[r] for r in roots if r in group_names))
+
+
+def _heads(b: _Builder, group_names: dict[int, str]) -> dict[str, Heads]:
+    """The groups made of heads, each tied to the others of its head variable: by that variable's group where it is
+    one (a head-indexed bias), else by a name made from the tie's first group."""
+    out: dict[str, Heads] = {}
+    ties: dict[int, str] = {}
+    for var, info in b.headed.items():
+        root, head = b.uf.find(var), b.uf.find(info.head)
+        if root in group_names:
+            tie = group_names.get(head) or ties.setdefault(head, f"{group_names[root]}:heads")
+            out[group_names[root]] = Heads(tie, info.count)
+    return out
 
 
 def _param_leaves(b: _Builder, state: dict[str, Tensor]) -> dict[str, list[list[Placed]]]:

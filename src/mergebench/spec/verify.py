@@ -31,6 +31,7 @@ from torch.utils._pytree import tree_leaves
 from mergebench.errors import ConfigError
 from mergebench.modes import restored_modes
 from mergebench.spec import PermutationSpec, Transform, apply_transforms
+from mergebench.spec.heads import draw_permutations
 from mergebench.spec.trace import model_spec
 
 # max |Δlogit| allowed, relative to the largest |logit|: float64 rounding through a deep net stays below 1e-12, an
@@ -250,15 +251,17 @@ def verification_input(model: nn.Module, x: Tensor, full: tuple[int, ...] | None
 def moving_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], seed: int) -> dict[str, Transform]:
     """A random permutation per group that moves every unit (one cycle through a random order), so no unit of a
     misassigned axis can stay in place by chance (a plain random permutation of 2 units is the identity half the
-    time)."""
+    time). Head groups move by whole heads (σ one cycle through the heads) and within every head (one cycle each).
+    """
     gen = torch.Generator().manual_seed(seed)
-    transforms = {}
-    for group in spec.groups:
-        order = torch.randperm(spec.group_size(group, state), generator=gen)
+
+    def cycle(n: int) -> Tensor:
+        order = torch.randperm(n, generator=gen)
         perm = torch.empty_like(order)
         perm[order] = order.roll(-1)
-        transforms[group] = Transform.permutation(perm)
-    return transforms
+        return perm
+
+    return {g: Transform.permutation(p) for g, p in draw_permutations(spec, state, cycle).items()}
 
 
 def _permuted(model: nn.Module, spec: PermutationSpec, transforms: Mapping[str, Transform]) -> dict[str, Tensor]:
@@ -382,12 +385,18 @@ def _blame(
         where = f"in {mode} mode, above rounding (a float64 copy; float32 rounding alone moves them by {rounding:.2g})"
     else:
         where = f"in {mode} mode ({check.dtype}: the model does not run in float64, so this may be rounding)"
+    ties = spec.ties()
     for group in spec.groups:
-        diff = _diff(check.logits(mode, _permuted(check.model, spec, {group: transforms[group]})), reference)
+        tie = spec.heads[group].tie if group in spec.heads else group if group in ties else None
+        together = [group] if tie is None else [g for g in (tie, *ties[tie]) if g in transforms]  # heads move alike
+        moved = {g: transforms[g] for g in together}
+        diff = _diff(check.logits(mode, _permuted(check.model, spec, moved)), reference)
         if diff > failure.limit:
             members = spec.members(group) or [(name, axis) for name, axis, _ in spec.part_members(group)]
+            rest = [repr(g) for g in together if g != group]
+            tied = f" with its head tie ({', '.join(rest)})" if rest else ""
             return (
-                f"permutation spec check failed: permuting group {group!r} ({len(members)} tensor axes, e.g. "
+                f"permutation spec check failed: permuting group {group!r}{tied} ({len(members)} tensor axes, e.g. "
                 f"{members[0][0]}) changes the logits by {diff:.3g} {where}; allowed {failure.limit:.3g}: an "
                 "axis that carries this group's units is missing from the spec or is in the wrong group"
             )
