@@ -226,6 +226,7 @@ def test_a_vit_trains_merges_and_reports_head_aware_alignment(tmp_path: Path) ->
         found[heads] = json.loads(merged.diagnostics.iloc[0])
     assert found["permute"]["spec"] == "traced" and found["permute"]["verify_groups"] == 13
     assert found["permute"]["align_objective"] > found["identity"]["align_objective"]
+    assert (found["permute"]["align_groups_left"], found["identity"]["align_groups_left"]) == (0, 8)
 
 
 @pytest.mark.zoo

@@ -143,6 +143,7 @@ def align_permute(params: PermuteParams, ref: nn.Module, other: nn.Module, ctx: 
         "dead_by_group": {g: d.numel() for g, d in match.dead.items()},
         "tied_units": sum(t.numel() for t in match.tied.values()),
         "weight_placed_groups": len(unprobed),
+        "groups_left": len(ctx.spec.groups) - len(spec.groups),  # align.heads / align.residual = identity
         "seconds": time.perf_counter() - start,
     }
     return PairAlignment({g: Transform.permutation(p) for g, p in perms.items()}, diagnostics)

@@ -612,8 +612,9 @@ def parameters(model: nn.Module) -> dict[str, Tensor]:
 def align_weight_matching(
     params: WeightMatchingParams, ref: nn.Module, other: nn.Module, ctx: MergeContext
 ) -> PairAlignment:
+    spec = params.spec_for(ctx.spec)
     perms, info = weight_matching(
-        params.spec_for(ctx.spec),
+        spec,
         parameters(ref),
         parameters(other),
         seed=mix_seeds(ctx.seed, params.seed),
@@ -621,6 +622,7 @@ def align_weight_matching(
         restarts=params.restarts,
         sweep=params.start == "sweep",
     )
+    info["groups_left"] = len(ctx.spec.groups) - len(spec.groups)  # align.heads / align.residual = identity
     return PairAlignment({g: Transform.permutation(p) for g, p in perms.items()}, info)
 
 
