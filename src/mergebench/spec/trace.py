@@ -616,8 +616,8 @@ class _Builder:
     def _head_views(self) -> dict[int, tuple[int, int]]:
         """The views to keep as attention heads, by id: {id: (head factor, within-head factor)} for every product
         whose only permuted factors are two neighbours (heads × units of a head), the inner one plain and touching no
-        parameter, and neither factor read by another view (which would tie the units' permutation across heads, or
-        keep only one of the factors), nor the inner one paired with two different head axes."""
+        parameter, neither factor nor the viewed axis read by another view (which would tie the units' permutation
+        across heads, or keep only one of the factors), nor the inner one paired with two different head axes."""
         uf, params = self.uf, self.param_roots()
         found: dict[int, tuple[int, int]] = {}
         for product in self.products:
@@ -627,16 +627,18 @@ class _Builder:
             head, inner = (uf.find(product.factors[i]) for i in free)
             if not any(r in uf.defs or r in uf.inter for r in (head, inner)) and inner not in params:
                 found[id(product)] = (product.factors[free[0]], product.factors[free[1]])
+        views = {id(p): p for p in self.products}
         while True:
             others = [p for p in self.products if id(p) not in found]
-            used = {r for p in others for f in p.factors for r in uf.leaf_roots(f)}
+            used = {r for p in others for f in (p.var, *p.factors) for r in uf.leaf_roots(f)}
             heads_of: dict[int, set[int]] = {}
             for head, inner in found.values():
                 heads_of.setdefault(uf.find(inner), set()).add(uf.find(head))
             drop = [
                 k
                 for k, (head, inner) in found.items()
-                if {uf.find(head), uf.find(inner)} & used or len(heads_of[uf.find(inner)]) > 1
+                if {uf.find(head), uf.find(inner), *uf.leaf_roots(views[k].var)} & used
+                or len(heads_of[uf.find(inner)]) > 1
             ]
             if not drop:
                 return found
