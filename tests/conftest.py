@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -45,3 +46,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             "set MERGEBENCH_DATA=<folder with MNIST/raw and the other datasets they name> to run them",
             yellow=True,
         )
+
+
+@pytest.fixture(scope="module")
+def modules() -> tuple[ModuleType, ModuleType]:
+    """(torchvision, timm) for the zoo tests, or a skip saying in one line why they cannot be imported here."""
+    from mergebench import zoo
+
+    try:
+        return zoo.torchvision(), zoo.timm()
+    except zoo.ZooUnavailable as err:
+        pytest.skip(str(err))

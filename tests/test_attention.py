@@ -254,11 +254,3 @@ def test_zoo_transformers_merge_a_planted_head_permutation_back(
     assert_merges_back(case, align)
     spec = trace_spec(case.build(10), torch.randn(2, 3, case.side, case.side)).spec
     assert spec.heads and all(g in spec.groups for g in spec.heads)
-
-
-@pytest.fixture(scope="module")
-def modules() -> tuple[ModuleType, ModuleType]:
-    try:
-        return zoo.torchvision(), zoo.timm()
-    except zoo.ZooUnavailable as err:
-        pytest.skip(str(err))

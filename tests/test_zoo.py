@@ -35,15 +35,6 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def modules() -> tuple[ModuleType, ModuleType]:
-    """(torchvision, timm), or a skip saying in one line why they cannot be imported here."""
-    try:
-        return zoo.torchvision(), zoo.timm()
-    except zoo.ZooUnavailable as err:
-        pytest.skip(str(err))
-
-
 def _id(case: zoo.Classifier) -> str:
     source, _, name = case.name.partition(":")
     return f"{source.split('.')[0]}:{name}"

@@ -159,7 +159,7 @@ def ot_fusion(
     for group in spec.groups:
         if group in transforms:
             continue
-        tie = spec.heads[group].tie if group in spec.heads else group if group in ties else None
+        tie = spec.tie_of(group)
         if tie is not None:  # attention heads: whole heads matched at once, then units within each (a permutation)
             members = ties[tie]
             costs = [ground_cost(g) for g in members]

@@ -45,7 +45,7 @@ from mergebench.context import MergeContext
 from mergebench.errors import ConfigError
 from mergebench.seeds import mix_seeds
 from mergebench.spec import PermutationSpec, Transform
-from mergebench.spec.heads import compose
+from mergebench.spec.heads import draw_permutations
 
 
 @dataclasses.dataclass
@@ -231,23 +231,14 @@ class _Problem:
             self.costs[g] = _Cost()
         self.neighbours = {g: sorted({h for m in self.members[g] for _, h in m.others}) for g in self.groups}
         self.sizes = {g: self.members[g][0].a.shape[0] for g in self.groups}
+        self.spec = spec
         self.heads = {g: h for g, h in spec.heads.items() if g in self.sizes}
         self.units = _units(spec, self.groups)
 
     def random_start(self, gen: torch.Generator) -> dict[str, Tensor]:
         """A random permutation per group, whole heads moved alike across a tie (a restart's starting point)."""
-        sigmas: dict[str, Tensor] = {}
-        out = {}
-        for g, n in self.sizes.items():
-            if g in self.heads:
-                count = self.heads[g].count
-                sigma = sigmas.setdefault(self.heads[g].tie, torch.randperm(count, generator=gen))
-                out[g] = compose(sigma, torch.stack([torch.randperm(n // count, generator=gen) for _ in range(count)]))
-            elif any(h.tie == g for h in self.heads.values()):
-                out[g] = sigmas.setdefault(g, torch.randperm(n, generator=gen))
-            else:
-                out[g] = torch.randperm(n, generator=gen)
-        return {g: p.to(self.device) for g, p in out.items()}
+        perms = draw_permutations(self.spec, self.sizes, lambda n: torch.randperm(n, generator=gen))
+        return {g: p.to(self.device) for g, p in perms.items()}
 
     def solve(
         self, unit: tuple[str, ...], perms: Mapping[str, Tensor], versions: Mapping[str, int], settled: bool
@@ -427,7 +418,7 @@ def _units(spec: PermutationSpec, groups: list[str]) -> list[tuple[str, ...]]:
     out: list[tuple[str, ...]] = []
     seen: set[str] = set()
     for g in groups:
-        tie = spec.heads[g].tie if g in spec.heads else g if g in ties else None
+        tie = spec.tie_of(g)
         if tie is None:
             out.append((g,))
         elif tie not in seen:

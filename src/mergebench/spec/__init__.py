@@ -160,6 +160,12 @@ class PermutationSpec:
             out.setdefault(heads.tie, []).append(group)
         return out
 
+    def tie_of(self, group: str) -> str | None:
+        """The head tie `group` moves with: its own where it is made of heads, itself where it is a tie's group."""
+        if group in self.heads:
+            return self.heads[group].tie
+        return group if any(h.tie == group for h in self.heads.values()) else None
+
     def without(self, groups: Collection[str]) -> PermutationSpec:
         """The spec with `groups` left unpermuted (their axes and parts unmapped, their probes dropped): what an
         aligner sees when it must leave them in place. A group's head tie goes with it, whole."""
@@ -290,5 +296,6 @@ def random_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], seed
     from mergebench.spec.heads import draw_permutations
 
     gen = torch.Generator().manual_seed(seed)
-    perms = draw_permutations(spec, state, lambda n: torch.randperm(n, generator=gen))
+    sizes = {g: spec.group_size(g, state) for g in spec.groups}
+    perms = draw_permutations(spec, sizes, lambda n: torch.randperm(n, generator=gen))
     return {g: Transform.permutation(p) for g, p in perms.items()}

@@ -52,9 +52,9 @@ def moves_whole_heads(spec: PermutationSpec, perms: Mapping[str, Tensor]) -> boo
     return True
 
 
-def draw_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], draw: Draw) -> dict[str, Tensor]:
-    """A permutation per group, in the spec's group order, from `draw(n)`; a tie draws σ once (at its first group),
-    then each of its groups one permutation per head."""
+def draw_permutations(spec: PermutationSpec, sizes: Mapping[str, int], draw: Draw) -> dict[str, Tensor]:
+    """A permutation for each group of `sizes` (group -> units), in its order, from `draw(n)`; a tie draws σ once (at
+    its first group), then each of its groups one permutation per head."""
     ties = spec.ties()
     sigmas: dict[str, Tensor] = {}
 
@@ -64,8 +64,7 @@ def draw_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], draw: 
         return sigmas[tie]
 
     out: dict[str, Tensor] = {}
-    for group in spec.groups:
-        n = spec.group_size(group, state)
+    for group, n in sizes.items():
         if group in spec.heads:
             heads = spec.heads[group]
             s = sigma(heads.tie, heads.count)

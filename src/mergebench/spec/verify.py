@@ -261,7 +261,8 @@ def moving_permutations(spec: PermutationSpec, state: Mapping[str, Tensor], seed
         perm[order] = order.roll(-1)
         return perm
 
-    return {g: Transform.permutation(p) for g, p in draw_permutations(spec, state, cycle).items()}
+    sizes = {g: spec.group_size(g, state) for g in spec.groups}
+    return {g: Transform.permutation(p) for g, p in draw_permutations(spec, sizes, cycle).items()}
 
 
 def _permuted(model: nn.Module, spec: PermutationSpec, transforms: Mapping[str, Transform]) -> dict[str, Tensor]:
@@ -387,7 +388,7 @@ def _blame(
         where = f"in {mode} mode ({check.dtype}: the model does not run in float64, so this may be rounding)"
     ties = spec.ties()
     for group in spec.groups:
-        tie = spec.heads[group].tie if group in spec.heads else group if group in ties else None
+        tie = spec.tie_of(group)
         together = [group] if tie is None else [g for g in (tie, *ties[tie]) if g in transforms]  # heads move alike
         moved = {g: transforms[g] for g in together}
         diff = _diff(check.logits(mode, _permuted(check.model, spec, moved)), reference)
