@@ -25,11 +25,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python scripts/demo.py
 
+# one pytest worker per core (at most 4: each holds ~2 GB); the tests and the runs they start use one torch thread each
+XDIST   := -n auto --maxprocesses=4
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow and not slurm"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow and not slurm"
 
 lint: setup
 	$(BIN)/ruff check src tests scripts

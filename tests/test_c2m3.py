@@ -130,7 +130,7 @@ def test_c2m3_with_four_models_runs_end_to_end(tmp_path: Path) -> None:
         "model.hidden=[64,64]",
         "train.epochs=5",
     ]
-    proc = cli([*args, "hydra.run.dir=outputs/run"], tmp_path, OMP_NUM_THREADS="1")
+    proc = cli([*args, "hydra.run.dir=outputs/run"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     df = pd.read_csv(tmp_path / "outputs/run/results.csv")
     merged = df[(df.model_role == "merged") & (df.metric == "top1") & (df.subset == "test")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,13 @@ from tests.conftest import SHARED_DATA
 MERGEBENCH = str(Path(sys.executable).parent / "mergebench")
 SMALL = ["model.hidden=[32,32]", "train.epochs=2", "train.batch_size=256"]
 NO_TORCHVISION = can_download("cifar10") is not None
+
+
+def default_sigint() -> None:
+    """Popen's preexec_fn for a run a test will Ctrl-C: SIGINT's default action, as a terminal gives it. A suite
+    started in the background by a shell without job control (`make test &` in a script, some CI runners) ignores
+    SIGINT, every child inherits that, and the run would never see the interrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:

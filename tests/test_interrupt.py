@@ -17,7 +17,7 @@ import pytest
 
 from mergebench.interrupts import INTERRUPTED
 from mergebench.pause import MARKER, PAUSE_ENV
-from tests.test_cli import MERGEBENCH
+from tests.test_cli import MERGEBENCH, default_sigint
 
 # two jobs (identity, then permute) on small digits models: each takes about a second once the models are built
 SWEEP = [
@@ -41,7 +41,7 @@ class Sweep:
         args = [*SWEEP, *LAUNCHERS[launcher], f"cache_dir={tmp / 'cache'}", f"hydra.sweep.dir={self.dir}"]
         self.proc = subprocess.Popen(
             [MERGEBENCH, *args], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=default_sigint,
         )  # fmt: skip
         self.lines: list[str] = []
         self.ended = threading.Event()  # every process holding the output ended: nothing was left running

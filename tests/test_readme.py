@@ -131,7 +131,6 @@ def execute(block: Block, folder: Path) -> subprocess.CompletedProcess:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(REPO),  # `tests.user_models`, importable as from the repository's root
         "MERGEBENCH_DATA": str(SHARED_DATA),
-        "OMP_NUM_THREADS": "1",  # tiny models, shared CPUs (the conftest's one-thread rule)
         "COLUMNS": "200",
     }
     if block.language == "python":

@@ -21,7 +21,7 @@ from mergebench.data.datasets import load_dataset
 from mergebench.errors import DataError
 from mergebench.pause import MARKER, PAUSE_ENV
 from tests.fake_data import write_cifar, write_idx
-from tests.test_cli import MERGEBENCH, SMALL, cli
+from tests.test_cli import MERGEBENCH, SMALL, cli, default_sigint
 
 TINY = [*SMALL, "train.epochs=1"]
 
@@ -50,7 +50,13 @@ class Paused:
         env = {**os.environ, PAUSE_ENV: point, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
         env.pop("MERGEBENCH_CACHE", None)
         self.proc = subprocess.Popen(
-            [MERGEBENCH, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [MERGEBENCH, *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=default_sigint,
         )
 
     def wait(self) -> None:
