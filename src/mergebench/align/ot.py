@@ -28,7 +28,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import ot
 import torch
 from torch import Tensor, nn
 
@@ -107,6 +106,8 @@ def transport_plan(cost: Tensor, solver: str, reg: float, max_iter: int) -> tupl
 
     The cost is divided by its largest entry first: exact OT does not change, and `reg` means the same on every
     layer whatever its scale."""
+    import ot  # POT imports scikit-learn (0.3–0.6 s): every run discovers this aligner, only OT runs pay for it
+
     n_a, n_b = cost.shape
     scaled = (cost / cost.max() if cost.max() > 0 else cost).cpu().numpy()
     mu, nu = np.full(n_a, 1.0 / n_a), np.full(n_b, 1.0 / n_b)
