@@ -20,16 +20,13 @@ SHARED_DATA = Path(os.environ.get("MERGEBENCH_DATA") or REPO.parent / "shared" /
 def one_thread() -> Iterator[None]:
     """Test models are tiny: one intra-op thread avoids paying thread synchronisation on every op. The runs the tests
     start as subprocesses inherit OMP_NUM_THREADS=1: beside a second pytest worker, torch's threads would wait on
-    each other for a core (a 10 s preset smoke run took 100 s under `pytest -n 2` without it)."""
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    each other for a core (an 11 s preset smoke run took 109 s under `pytest -n 2` without it)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
     torch.set_num_threads(threads)
-    if omp is None:
-        os.environ.pop("OMP_NUM_THREADS")
-    else:
-        os.environ["OMP_NUM_THREADS"] = omp
 
 
 @pytest.fixture
